@@ -1,0 +1,131 @@
+"""LangevinFlow as a Pyro model: Langevin latent dynamics, Transformer decoder, Poisson spikes."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from pyro_langevin.batch import Batch
+from pyro_langevin.decoder import TransformerDecoder
+from pyro_langevin.potentials import Potential, make_potential
+from pyro_langevin.transition import LangevinParams, TransitionOutput, langevin_transition
+
+__all__ = ["LangevinFlow", "velocity_site"]
+
+
+def velocity_site(t: int) -> str:
+    """Name of the velocity sample site at bin ``t`` (``"v_0"``, ``"v_1"``, ...)."""
+    return f"v_{t}"
+
+
+class LangevinFlow(nn.Module):
+    """The generative model: ``z_0, v_0 ~ N(0, I)``, Langevin transitions, Poisson observations.
+
+    Sample sites: ``z_0``, ``v_0``, ``v_1`` ... ``v_{T+F-1}`` (one per bin, inside
+    ``pyro.markov``), and the observed ``spikes``; deterministic sites ``z`` (trial, time, D),
+    ``v`` and ``rates`` (trial, time, neuron; expected counts per bin). Rates depend on the latent
+    path only, so prior predictive sampling is meaningful.
+
+    Parameters
+    ----------
+    n_neurons : int
+        All neurons predicted (held-in + held-out).
+    latent_dim : int
+        D, size of the position (and of the velocity).
+    dt, gamma, sigma, mass, learn_gamma, learn_sigma, overdamped
+        Passed to :class:`~pyro_langevin.transition.LangevinParams`.
+    potential : str or Potential
+        ``"oscillators"`` (default), ``"zero"``, ``"quadratic"``, ``"mlp"`` or a module.
+    potential_kwargs : dict, optional
+        Options of the named potential (e.g. ``boundary="ring"``).
+    decoder_kwargs : dict, optional
+        Options of :class:`~pyro_langevin.decoder.TransformerDecoder`.
+    """
+
+    def __init__(
+        self,
+        n_neurons: int,
+        latent_dim: int = 16,
+        *,
+        dt: float = 0.05,
+        gamma: float = 2.0,
+        sigma: Optional[float] = None,
+        mass: float = 1.0,
+        learn_gamma: bool = False,
+        learn_sigma: bool = False,
+        overdamped: bool = False,
+        potential: str | Potential = "oscillators",
+        potential_kwargs: Optional[dict[str, Any]] = None,
+        decoder_kwargs: Optional[dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        if n_neurons < 1:
+            raise ValueError(f"n_neurons must be >= 1, got {n_neurons}")
+        self.n_neurons = n_neurons
+        self.latent_dim = latent_dim
+        if isinstance(potential, str):
+            potential = make_potential(potential, latent_dim, **(potential_kwargs or {}))
+        elif potential_kwargs:
+            raise ValueError("potential_kwargs only apply to a potential given by name")
+        if potential.latent_dim != latent_dim:
+            raise ValueError(f"potential has latent_dim={potential.latent_dim}, model has {latent_dim}")
+        self.potential = potential
+        self.dynamics = LangevinParams(
+            dt=dt, gamma=gamma, sigma=sigma, mass=mass,
+            learn_gamma=learn_gamma, learn_sigma=learn_sigma, overdamped=overdamped,
+        )
+        self.decoder = TransformerDecoder(latent_dim, n_neurons, **(decoder_kwargs or {}))
+
+    def transition(self, z: torch.Tensor, v: torch.Tensor) -> TransitionOutput:
+        """The prior transition ``p(v_t | z_{t-1}, v_{t-1})`` and ``z_t``; guides build on it."""
+        return langevin_transition(z, v, self.potential.force, self.dynamics)
+
+    def initial_prior(self, n_trials: int, like: torch.Tensor) -> dist.Distribution:
+        """``Normal(0, I)`` over a D-vector, batched over trials (used for ``z_0`` and ``v_0``)."""
+        zeros = like.new_zeros(n_trials, self.latent_dim)
+        return dist.Normal(zeros, 1.0).to_event(1)
+
+    def forward(
+        self,
+        batch: Optional[Batch] = None,
+        *,
+        n_trials: Optional[int] = None,
+        n_bins: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Run the model; return sampled or observed spike counts (trial, time, neuron).
+
+        Give a :class:`Batch` to condition on its ``target`` under its ``mask``; give ``n_trials``
+        and ``n_bins`` instead to sample from the prior predictive.
+        """
+        if batch is not None:
+            if batch.n_neurons != self.n_neurons:
+                raise ValueError(f"batch has {batch.n_neurons} neurons but the model was built for {self.n_neurons}")
+            n_trials, n_bins = batch.n_trials, batch.n_bins
+            like = batch.target
+        elif n_trials is None or n_bins is None:
+            raise ValueError("give a batch, or n_trials and n_bins for prior sampling")
+        else:
+            like = self.decoder.readout.bias
+        with pyro.plate("trials", n_trials, dim=-1):
+            z = pyro.sample("z_0", self.initial_prior(n_trials, like))
+            v = pyro.sample(velocity_site(0), self.initial_prior(n_trials, like))
+            zs, vs = [z], [v]
+            for t in pyro.markov(range(1, n_bins)):
+                step = self.transition(z, v)
+                z = step.z_next
+                v = pyro.sample(velocity_site(t), dist.Normal(step.v_loc, step.v_scale).to_event(1))
+                zs.append(z)
+                vs.append(v)
+            z_path = pyro.deterministic("z", torch.stack(zs, dim=-2), event_dim=2)
+            v_path = pyro.deterministic("v", torch.stack(vs, dim=-2), event_dim=2)
+            rates = pyro.deterministic("rates", torch.exp(self.decoder(z_path, v_path)), event_dim=2)
+            obs_dist = dist.Poisson(rates)
+            if batch is None:
+                return pyro.sample("spikes", obs_dist.to_event(2))
+            return pyro.sample("spikes", obs_dist.mask(batch.mask).to_event(2), obs=batch.target)
+
+    model = forward
