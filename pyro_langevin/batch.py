@@ -31,35 +31,94 @@ class BatchError(ValueError):
     """Raised when arrays do not satisfy the batch contract; the message names the field."""
 
 
-def _as_tensor(x: ArrayLike, name: str, dtype=torch.float32) -> torch.Tensor:
+def _as_tensor(x: ArrayLike, name: str, dtype: Optional[torch.dtype] = torch.float32) -> torch.Tensor:
+    """``x`` as a tensor (of ``dtype``, or its own numeric dtype when ``dtype`` is None)."""
     if isinstance(x, torch.Tensor):
-        return x.to(dtype)
-    try:
-        arr = np.asarray(x)
-    except Exception as exc:  # pragma: no cover - defensive
-        raise BatchError(f"{name}: cannot convert {type(x).__name__} to an array ({exc})") from exc
-    if arr.dtype == object:
-        raise BatchError(f"{name}: expected a numeric array, got dtype object")
-    return torch.as_tensor(arr, dtype=dtype)
+        t = x
+    else:
+        try:
+            arr = np.asarray(x)
+        except Exception as exc:  # ragged lists and the like
+            raise BatchError(f"{name}: cannot convert {type(x).__name__} to an array ({exc})") from exc
+        if arr.dtype == object or arr.dtype.kind in "USV":
+            raise BatchError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
+        if arr.dtype.kind == "u" and arr.dtype.itemsize > 1:  # torch lacks uint16/32/64 ops
+            arr = arr.astype(np.int64)
+        t = torch.as_tensor(arr)
+    if t.is_complex():
+        raise BatchError(f"{name}: expected real-valued counts, got dtype {t.dtype}")
+    return t if dtype is None else t.to(dtype)
+
+
+_DIM_NAMES = ("trial", "time", "neuron")
+#: Largest accepted count per bin: float32 represents every whole number up to 2**24 exactly.
+MAX_COUNT = 2**24
 
 
 def check_counts(x: torch.Tensor, name: str, ndim: int = 3, allow_empty: bool = False) -> None:
-    """Raise :class:`BatchError` unless ``x`` is a ``ndim``-D array of finite, whole, non-negative counts."""
+    """Raise :class:`BatchError` unless ``x`` holds finite, whole, non-negative counts.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Spike counts, ``ndim``-dimensional (``(trial, time, neuron)`` for 3).
+    name : str
+        The field name used in error messages (e.g. ``"heldin"``).
+    ndim : int
+        Required number of dimensions.
+    allow_empty : bool
+        Accept a size-0 ``time`` or ``neuron`` axis (e.g. no held-out neurons). Zero trials never
+        pass unless this is set.
+
+    Raises
+    ------
+    BatchError
+        The message starts with ``name`` and says what is wrong and where (first offending index).
+    """
     if x.dim() != ndim:
         raise BatchError(
-            f"{name}: expected {ndim} dimensions (trial, time, neuron), got shape {tuple(x.shape)}"
+            f"{name}: expected {ndim} dimensions (trial, time, neuron), got {x.dim()} with shape {tuple(x.shape)}"
         )
+    if x.is_complex():
+        raise BatchError(f"{name}: expected real-valued counts, got dtype {x.dtype}")
     if x.numel() == 0 and not allow_empty:
-        raise BatchError(f"{name}: empty array of shape {tuple(x.shape)} (no trials, bins or neurons)")
-    if not torch.isfinite(x).all():
-        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
-        raise BatchError(f"{name}: contains NaN or infinite values (first at index {bad})")
-    if (x < 0).any():
-        bad = (x < 0).nonzero()[0].tolist()
-        raise BatchError(f"{name}: contains negative counts (first at index {bad})")
-    if (x != torch.round(x)).any():
-        bad = (x != torch.round(x)).nonzero()[0].tolist()
-        raise BatchError(f"{name}: spike counts must be whole numbers (first non-integer at index {bad})")
+        empty = [_DIM_NAMES[i] if ndim == 3 else f"axis {i}" for i, s in enumerate(x.shape) if s == 0]
+        what = {"trial": "no trials", "time": "no time bins (empty trials)", "neuron": "zero neurons"}
+        reasons = ", ".join(what.get(e, e) for e in empty)
+        raise BatchError(f"{name}: empty array of shape {tuple(x.shape)} ({reasons})")
+    if x.dtype == torch.bool or x.numel() == 0:
+        return
+    if x.is_floating_point():
+        finite = torch.isfinite(x)
+        if not finite.all():
+            idx = (~finite).nonzero()[0].tolist()
+            value = x[tuple(idx)].item()
+            raise BatchError(f"{name}: contains NaN or infinite counts (first {value} at index {idx})")
+    neg = x < 0
+    if neg.any():
+        idx = neg.nonzero()[0].tolist()
+        raise BatchError(f"{name}: contains negative counts (first {x[tuple(idx)].item()} at index {idx})")
+    too_big = x > MAX_COUNT
+    if too_big.any():
+        idx = too_big.nonzero()[0].tolist()
+        raise BatchError(
+            f"{name}: count {x[tuple(idx)].item()} at index {idx} exceeds {MAX_COUNT} (2**24, the largest "
+            "whole number float32 holds exactly); is this really a spike count per bin?"
+        )
+    if x.is_floating_point():
+        frac = x != torch.round(x)
+        if frac.any():
+            idx = frac.nonzero()[0].tolist()
+            raise BatchError(
+                f"{name}: spike counts must be whole numbers (first non-integer {x[tuple(idx)].item()} at index {idx})"
+            )
+
+
+def _counts(x: ArrayLike, name: str, allow_empty: bool = False) -> torch.Tensor:
+    """Check counts in their own dtype (so float64 0.5 or 1e40 cannot hide in float32), return float32."""
+    t = _as_tensor(x, name, dtype=None)
+    check_counts(t, name, allow_empty=allow_empty)
+    return t.to(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -114,8 +173,13 @@ class Batch:
 
     def __getitem__(self, idx) -> "Batch":
         """Select trials (an int, slice, index tensor or boolean mask)."""
-        if isinstance(idx, int):
-            idx = slice(idx, idx + 1)
+        if isinstance(idx, (int, np.integer)) and not isinstance(idx, bool):
+            i = int(idx)
+            n = self.n_trials
+            if not -n <= i < n:
+                raise IndexError(f"trial {i} out of range for a batch of {n} trials")
+            i = i % n
+            idx = slice(i, i + 1)
         return Batch(
             input=self.input[idx],
             target=self.target[idx],
@@ -139,7 +203,17 @@ class Batch:
         return replace(self, input=input, mask=mask)
 
     def validate(self) -> "Batch":
-        """Check shapes, dtypes and values; return ``self`` or raise :class:`BatchError`."""
+        """Check shapes, dtypes and values; return ``self`` or raise :class:`BatchError`.
+
+        Checks: ``input`` holds finite whole non-negative counts, 3-D, with at least one trial, bin
+        and neuron; ``target`` and ``mask`` are 3-D with the same shape, as many trials as
+        ``input`` and at least its bins and neurons; ``mask`` is bool and selects only valid counts
+        (entries outside the mask may hold anything, e.g. NaN for missing data); ``index`` is a
+        ``(trial,)`` integer tensor; ``behavior`` (if any) is ``(trial, T, B)``.
+        """
+        for field_name in ("input", "target", "mask", "index"):
+            if not isinstance(getattr(self, field_name), torch.Tensor):
+                raise BatchError(f"{field_name}: expected a torch.Tensor, got {type(getattr(self, field_name)).__name__}")
         check_counts(self.input, "input")
         if self.target.dim() != 3:
             raise BatchError(
@@ -152,10 +226,17 @@ class Batch:
             raise BatchError(f"target: {self.target.shape[1]} bins but input has {t} observed bins")
         if self.target.shape[2] < n_in:
             raise BatchError(f"target: {self.target.shape[2]} neurons but input has {n_in} held-in neurons")
+        if not self.target.is_floating_point():
+            raise BatchError(f"target: expected a floating-point dtype, got {self.target.dtype}")
         if self.mask.shape != self.target.shape:
             raise BatchError(f"mask: shape {tuple(self.mask.shape)} differs from target {tuple(self.target.shape)}")
         if self.mask.dtype != torch.bool:
             raise BatchError(f"mask: expected dtype bool, got {self.mask.dtype}")
+        if self.mask.device != self.target.device or self.input.device != self.target.device:
+            raise BatchError(
+                f"target: input, target and mask must share a device, got {self.input.device}, "
+                f"{self.target.device}, {self.mask.device}"
+            )
         observed = self.target[self.mask]
         if not torch.isfinite(observed).all():
             raise BatchError("target: NaN or infinite counts where mask is True")
@@ -163,10 +244,13 @@ class Batch:
             raise BatchError("target: counts where mask is True must be non-negative whole numbers")
         if self.index.shape != (n,):
             raise BatchError(f"index: expected shape ({n},), got {tuple(self.index.shape)}")
-        if self.behavior is not None and (self.behavior.dim() != 3 or self.behavior.shape[:2] != (n, t)):
-            raise BatchError(
-                f"behavior: expected shape ({n}, {t}, B), got {tuple(self.behavior.shape)}"
-            )
+        if self.index.is_floating_point() or self.index.is_complex() or self.index.dtype == torch.bool:
+            raise BatchError(f"index: expected an integer dtype, got {self.index.dtype}")
+        if self.behavior is not None and (
+            not isinstance(self.behavior, torch.Tensor) or self.behavior.dim() != 3 or self.behavior.shape[:2] != (n, t)
+        ):
+            shape = tuple(self.behavior.shape) if hasattr(self.behavior, "shape") else type(self.behavior).__name__
+            raise BatchError(f"behavior: expected shape ({n}, {t}, B), got {shape}")
         return self
 
 
@@ -202,34 +286,36 @@ def make_batch(
     -------
     Batch
     """
-    x = _as_tensor(heldin, "heldin")
-    check_counts(x, "heldin")
+    for name, value in (("n_heldout", n_heldout), ("n_forward", n_forward)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
+            raise BatchError(f"{name}: expected a non-negative int, got {value!r}")
+    x = _counts(heldin, "heldin")
     n, t, n_in = x.shape
 
-    def part(arr, name, rows, cols_default):
+    def part(arr, name, rows, cols, what_cols):
+        """Check one optional array: (n, rows, cols) where rows/cols None mean 'any'."""
         if arr is None:
-            return None, cols_default
-        a = _as_tensor(arr, name)
-        check_counts(a, name, allow_empty=True)
-        if a.dim() != 3 or a.shape[0] != n or (rows is not None and a.shape[1] != rows):
-            want = f"({n}, {rows if rows is not None else 'F'}, ...)"
-            raise BatchError(f"{name}: expected shape {want} to match heldin {tuple(x.shape)}, got {tuple(a.shape)}")
-        return a, a.shape[2]
+            return None
+        a = _counts(arr, name, allow_empty=True)
+        if a.shape[0] != n:
+            raise BatchError(f"{name}: {a.shape[0]} trials but heldin has {n} (shapes {tuple(a.shape)} vs {tuple(x.shape)})")
+        if rows is not None and a.shape[1] != rows:
+            raise BatchError(f"{name}: {a.shape[1]} bins but {rows} expected (shape {tuple(a.shape)}, heldin {tuple(x.shape)})")
+        if cols is not None and a.shape[2] != cols:
+            verb = "is" if what_cols.startswith("n_") else "has"
+            raise BatchError(f"{name}: {a.shape[2]} neurons but {what_cols} {verb} {cols} (shape {tuple(a.shape)})")
+        return a
 
-    ho, n_out = part(heldout, "heldout", t, n_heldout or 0)
-    hif, _ = part(heldin_forward, "heldin_forward", None, 0)
-    f = hif.shape[1] if hif is not None else None
-    hof, _ = part(heldout_forward, "heldout_forward", f, 0)
+    ho = part(heldout, "heldout", t, n_heldout, "n_heldout")
+    n_out = ho.shape[2] if ho is not None else n_heldout
+    hif = part(heldin_forward, "heldin_forward", n_forward, n_in, "heldin")
+    f = hif.shape[1] if hif is not None else n_forward
+    hof = part(heldout_forward, "heldout_forward", f, n_out,
+               "heldout" if ho is not None else "n_heldout")
+    if n_out is None:
+        n_out = hof.shape[2] if hof is not None else 0
     if f is None:
-        f = hof.shape[1] if hof is not None else (n_forward or 0)
-    if n_forward is not None and f != n_forward:
-        raise BatchError(f"forward arrays have {f} bins but n_forward={n_forward}")
-    if hif is not None and hif.shape[2] != n_in:
-        raise BatchError(f"heldin_forward: {hif.shape[2]} neurons but heldin has {n_in}")
-    if hof is not None and hof.shape[2] != n_out:
-        raise BatchError(f"heldout_forward: {hof.shape[2]} neurons but heldout has {n_out}")
-    if ho is None and n_heldout is None and hof is not None:
-        n_out = hof.shape[2]
+        f = hof.shape[1] if hof is not None else 0
 
     n_all = n_in + n_out
     target = torch.zeros(n, t + f, n_all)
@@ -246,5 +332,15 @@ def make_batch(
         target[:, t:, n_in:] = hof
         mask[:, t:, n_in:] = True
     beh = None if behavior is None else _as_tensor(behavior, "behavior")
-    idx = torch.arange(n) if index is None else torch.as_tensor(index, dtype=torch.long)
+    if index is None:
+        idx = torch.arange(n)
+    else:
+        raw = _as_tensor(index, "index", dtype=None)
+        if raw.dim() != 1 or raw.shape[0] != n:
+            raise BatchError(f"index: expected {n} trial ids (one per heldin trial), got shape {tuple(raw.shape)}")
+        if raw.is_floating_point() and not (torch.isfinite(raw).all() and (raw == torch.round(raw)).all()):
+            raise BatchError("index: trial ids must be whole numbers")
+        if raw.dtype == torch.bool:
+            raise BatchError("index: trial ids must be integers, got bool")
+        idx = raw.to(torch.long)
     return Batch(input=x, target=target, mask=mask, index=idx, behavior=beh).validate()
