@@ -98,8 +98,9 @@ def check_counts(x: torch.Tensor, name: str, ndim: int = 3, allow_empty: bool = 
     if neg.any():
         idx = neg.nonzero()[0].tolist()
         raise BatchError(f"{name}: contains negative counts (first {x[tuple(idx)].item()} at index {idx})")
-    too_big = x > MAX_COUNT
-    if too_big.any():
+    can_exceed = x.is_floating_point() or torch.iinfo(x.dtype).max > MAX_COUNT
+    too_big = x > MAX_COUNT if can_exceed else None
+    if too_big is not None and too_big.any():
         idx = too_big.nonzero()[0].tolist()
         raise BatchError(
             f"{name}: count {x[tuple(idx)].item()} at index {idx} exceeds {MAX_COUNT} (2**24, the largest "
