@@ -1,0 +1,392 @@
+"""NLB scoring: co-bps, fp-bps, vel R^2, psth R^2 and tp corr through ``nlb_tools.evaluation``.
+
+Rates are expected spike counts per bin (not Hz) everywhere. Three entry points:
+
+* :func:`score_eval` scores rates for the evaluation trials against whatever eval target is known
+  (held-out spikes alone give co-bps; behaviour, PSTHs and forward spikes add their metrics);
+* :func:`score_local` scores rates for a validation split of TRAINING trials (model selection);
+* :func:`write_submission` writes the nlb_tools submission h5, :func:`evaluate_submission` runs
+  nlb_tools' own ``evaluate`` on it.
+
+:func:`smoothing_baseline` is the NLB spike-smoothing baseline in the same rates format.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import numpy as np
+import torch
+
+from pyro_langevin.batch import Batch
+from pyro_langevin.data.errors import NLBDataError
+from pyro_langevin.data.nlb import NLBData, check_args, group_name
+from pyro_langevin.smoothing import smooth_spikes
+
+__all__ = [
+    "RATE_KEYS", "BASELINE_PARAMS", "RateUnitsError", "bits_per_spike", "check_rates",
+    "score_eval", "score_nlb", "score_local", "split_rates", "rates_to_full",
+    "smoothing_baseline", "fit_poisson_glm", "write_submission", "evaluate_submission",
+]
+
+#: Keys of a submission's rates dict (all (trial, time, neuron), counts per bin).
+RATE_KEYS = ("train_rates_heldin", "train_rates_heldout", "eval_rates_heldin", "eval_rates_heldout",
+             "eval_rates_heldin_forward", "eval_rates_heldout_forward")
+#: nlb_tools' smoothing-baseline defaults per dataset: (kernel sd in ms, Poisson GLM alpha).
+BASELINE_PARAMS = {"mc_maze": (50, 0.01), "mc_rtt": (30, 0.1), "area2_bump": (30, 0.01),
+                   "dmfc_rsg": (60, 0.001), "mc_maze_large": (40, 0.1),
+                   "mc_maze_medium": (60, 0.1), "mc_maze_small": (60, 0.1)}
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+
+class RateUnitsError(NLBDataError):
+    """Rates that are negative, non-finite, or look like Hz instead of counts per bin."""
+
+
+def _np(x: ArrayLike) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.array(x, dtype=np.float64)  # always a copy: nlb_tools edits rates in place
+
+
+def check_rates(rates: ArrayLike, name: str, bin_ms: Optional[int] = None,
+                spikes: Optional[ArrayLike] = None) -> np.ndarray:
+    """Check rates are finite, non-negative expected counts per bin; return a float64 copy.
+
+    With ``spikes`` (matching counts) the mean rate must be within a factor 20 of the mean count;
+    otherwise with ``bin_ms`` the mean rate must be below 1000 Hz. Both catch rates in Hz.
+    """
+    r = _np(rates)
+    if r.ndim != 3:
+        raise RateUnitsError(f"{name}: expected (trial, time, neuron) rates, got shape {r.shape}")
+    if not np.isfinite(r).all():
+        raise RateUnitsError(f"{name}: contains NaN or infinite rates")
+    if (r < 0).any():
+        raise RateUnitsError(f"{name}: contains negative rates")
+    if spikes is not None:
+        s = _np(spikes)
+        mean_s = np.nanmean(s) if np.isfinite(s).any() else 0.0
+        if mean_s > 0 and r.mean() > 20 * mean_s:
+            raise RateUnitsError(
+                f"{name}: mean rate {r.mean():.3g} is {r.mean() / mean_s:.0f}x the mean spike count "
+                f"per bin ({mean_s:.3g}): rates must be counts per bin, not Hz")
+    elif bin_ms is not None and r.size and r.mean() * 1000.0 / bin_ms > 1000.0:
+        raise RateUnitsError(
+            f"{name}: mean rate {r.mean():.3g} per {bin_ms} ms bin is over 1000 Hz: rates must be "
+            "expected counts per bin, not Hz")
+    return r
+
+
+def bits_per_spike(rates: ArrayLike, spikes: ArrayLike) -> float:
+    """nlb_tools' bits per spike (NaN spikes ignored), on copies of the inputs."""
+    from nlb_tools.evaluation import bits_per_spike as _bps
+
+    r, s = _np(rates), _np(spikes)
+    if r.shape != s.shape:
+        raise NLBDataError(f"bits_per_spike: rates {r.shape} and spikes {s.shape} differ in shape")
+    r = np.where(np.isnan(s), 1.0, r)  # rates where there is no data do not count
+    return float(_bps(r, s))
+
+
+def _target_group(target: Mapping[str, Any], dataset: str, bin_ms: int) -> Mapping[str, Any]:
+    grp = group_name(dataset, bin_ms)
+    return target[grp] if grp in target else target
+
+
+def score_eval(target: Mapping[str, Any], rates: Mapping[str, ArrayLike], dataset: str,
+               bin_ms: int = 5) -> Dict[str, float]:
+    """Score evaluation-trial rates against an eval target, computing what the target allows.
+
+    Parameters
+    ----------
+    target : mapping
+        nlb_tools eval target: the ``{dataset}[_20]`` group or its contents (``eval_spikes_heldout``
+        required; ``train_behavior``/``eval_behavior``, ``psth``/``eval_cond_idx``, forward spikes,
+        decode masks optional).
+    rates : mapping
+        Keys of :data:`RATE_KEYS` (counts per bin); ``eval_rates_heldout`` required.
+    dataset : str
+    bin_ms : int
+
+    Returns
+    -------
+    dict
+        ``co-bps`` always; ``vel R2`` (not dmfc_rsg) when behaviour and train rates are there;
+        ``tp corr`` (dmfc_rsg) with eval behaviour; ``psth R2`` with PSTHs; ``fp-bps`` with
+        forward spikes and rates.
+    """
+    from nlb_tools import evaluation as ev
+
+    check_args(dataset, bin_ms, "val")
+    tgt = _target_group(target, dataset, bin_ms)
+    if "eval_spikes_heldout" not in tgt:
+        raise NLBDataError(f"eval target has no 'eval_spikes_heldout' (keys: {sorted(tgt)})")
+    if "eval_rates_heldout" not in rates:
+        raise NLBDataError("rates lack 'eval_rates_heldout'")
+    spk_out = _np(tgt["eval_spikes_heldout"])
+    r_out = check_rates(rates["eval_rates_heldout"], "eval_rates_heldout", bin_ms, spk_out)
+    out: Dict[str, float] = {"co-bps": bits_per_spike(r_out, spk_out)}
+    r_in = None
+    if "eval_rates_heldin" in rates:
+        r_in = check_rates(rates["eval_rates_heldin"], "eval_rates_heldin", bin_ms)
+    eval_rates = None if r_in is None else np.concatenate([r_in, r_out], axis=-1)
+
+    if dataset == "dmfc_rsg":
+        if "eval_behavior" in tgt and eval_rates is not None:
+            out["tp corr"] = float(ev.speed_tp_correlation(spk_out, eval_rates, _np(tgt["eval_behavior"])))
+    elif ("train_behavior" in tgt and "eval_behavior" in tgt and eval_rates is not None
+          and "train_rates_heldin" in rates and "train_rates_heldout" in rates):
+        train_rates = np.concatenate([check_rates(rates["train_rates_heldin"], "train_rates_heldin", bin_ms),
+                                      check_rates(rates["train_rates_heldout"], "train_rates_heldout", bin_ms)],
+                                     axis=-1)
+        if "train_decode_mask" in tgt:
+            tmask, emask = np.asarray(tgt["train_decode_mask"]), np.asarray(tgt["eval_decode_mask"])
+        else:
+            tmask = np.ones((train_rates.shape[0], 1), bool)
+            emask = np.ones((eval_rates.shape[0], 1), bool)
+        out["vel R2"] = float(ev.velocity_decoding(train_rates, _np(tgt["train_behavior"]), tmask,
+                                                   eval_rates, _np(tgt["eval_behavior"]), emask))
+    if "psth" in tgt and "eval_cond_idx" in tgt and eval_rates is not None:
+        jitter = np.asarray(tgt["eval_jitter"]).astype(int) if "eval_jitter" in tgt else None
+        out["psth R2"] = float(ev.eval_psth(_np(tgt["psth"]), eval_rates, tgt["eval_cond_idx"], jitter=jitter))
+    if ("eval_spikes_heldin_forward" in tgt and "eval_spikes_heldout_forward" in tgt
+            and "eval_rates_heldin_forward" in rates and "eval_rates_heldout_forward" in rates):
+        spk_f = np.concatenate([_np(tgt["eval_spikes_heldin_forward"]),
+                                _np(tgt["eval_spikes_heldout_forward"])], axis=-1)
+        r_f = np.concatenate([check_rates(rates["eval_rates_heldin_forward"], "eval_rates_heldin_forward", bin_ms),
+                              check_rates(rates["eval_rates_heldout_forward"], "eval_rates_heldout_forward", bin_ms)],
+                             axis=-1)
+        out["fp-bps"] = bits_per_spike(r_f, spk_f)
+    return out
+
+
+def score_nlb(data: NLBData, rates: Mapping[str, ArrayLike]) -> Dict[str, float]:
+    """:func:`score_eval` against ``data.eval_target``; raises if the eval target is unknown."""
+    if data.eval_target is None:
+        raise NLBDataError(f"{data.dataset} ({data.phase} phase): the eval target is unknown, so the "
+                           "evaluation trials cannot be scored here; use score_local on a validation "
+                           "split of training trials, or submit")
+    return score_eval(data.eval_target, rates, data.dataset, data.bin_ms)
+
+
+def split_rates(full: ArrayLike, n_heldin: int, n_observed_bins: int, prefix: str) -> Dict[str, np.ndarray]:
+    """Split (trial, T+F, N) rates in the Batch layout into nlb_tools keys ``{prefix}_rates_*``.
+
+    ``prefix`` is ``'train'`` or ``'eval'``; forward keys are made for ``'eval'`` only.
+    """
+    r = _np(full)
+    t, n_in = n_observed_bins, n_heldin
+    out = {f"{prefix}_rates_heldin": r[:, :t, :n_in], f"{prefix}_rates_heldout": r[:, :t, n_in:]}
+    if prefix == "eval":
+        out["eval_rates_heldin_forward"] = r[:, t:, :n_in]
+        out["eval_rates_heldout_forward"] = r[:, t:, n_in:]
+    return out
+
+
+def rates_to_full(rates: Mapping[str, ArrayLike], prefix: str) -> np.ndarray:
+    """Inverse of :func:`split_rates`: (trial, T+F, N) from ``{prefix}_rates_*`` (forward if present)."""
+    obs = np.concatenate([_np(rates[f"{prefix}_rates_heldin"]), _np(rates[f"{prefix}_rates_heldout"])], -1)
+    if f"{prefix}_rates_heldin_forward" in rates:
+        fwd = np.concatenate([_np(rates[f"{prefix}_rates_heldin_forward"]),
+                              _np(rates[f"{prefix}_rates_heldout_forward"])], -1)
+        obs = np.concatenate([obs, fwd], axis=1)
+    return obs
+
+
+def _masked_counts(batch: Batch) -> np.ndarray:
+    s = batch.target.detach().cpu().numpy().astype(np.float64)
+    s[~batch.mask.detach().cpu().numpy()] = np.nan
+    return s
+
+
+def score_local(
+    rates_valid: ArrayLike,
+    valid: Batch,
+    rates_fit: Optional[ArrayLike] = None,
+    fit: Optional[Batch] = None,
+    grid_search: bool = True,
+) -> Dict[str, float]:
+    """Score rates for a validation split of TRAINING trials (their held-out data is known).
+
+    Parameters
+    ----------
+    rates_valid : array, shape (trial, T + F, N_in + N_out)
+        Predicted counts per bin for ``valid``, in the Batch target layout.
+    valid : Batch
+        Validation trials with held-out neurons and forward bins in ``target``
+        (from :func:`~pyro_langevin.data.nlb.split_train_valid`).
+    rates_fit, fit : optional
+        Rates and trials to fit the velocity decoder on (ridge from all rates to behaviour, as
+        nlb_tools does); vel R^2 needs them and ``behavior`` on both batches.
+    grid_search : bool
+        Cross-validated ridge penalty (nlb_tools' default) or a fixed alpha of 0.01.
+
+    Returns
+    -------
+    dict
+        ``co-bps`` (held-out neurons, observed bins), ``fp-bps`` (forward bins, all neurons) when
+        forward data is present, ``vel R2`` when decodable.
+    """
+    from nlb_tools.evaluation import fit_and_eval_decoder
+
+    spikes = _masked_counts(valid)
+    r = check_rates(rates_valid, "rates_valid", spikes=spikes)
+    if r.shape != tuple(valid.target.shape):
+        raise NLBDataError(f"rates_valid has shape {r.shape}, expected {tuple(valid.target.shape)}")
+    t, n_in = valid.n_observed_bins, valid.n_heldin
+    out: Dict[str, float] = {}
+    held = spikes[:, :t, n_in:]
+    if held.size == 0 or np.isnan(held).all():
+        raise NLBDataError("valid: no held-out neuron counts to score (are these evaluation trials?)")
+    out["co-bps"] = bits_per_spike(r[:, :t, n_in:], held)
+    fwd = spikes[:, t:, :]
+    if fwd.size and not np.isnan(fwd).all():
+        out["fp-bps"] = bits_per_spike(r[:, t:, :], fwd)
+    if rates_fit is not None and fit is not None and fit.behavior is not None and valid.behavior is not None:
+        rf = check_rates(rates_fit, "rates_fit", spikes=_masked_counts(fit))
+        flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+        bf = fit.behavior.detach().cpu().numpy().astype(np.float64)
+        bv = valid.behavior.detach().cpu().numpy().astype(np.float64)
+        out["vel R2"] = float(fit_and_eval_decoder(flat(rf[:, :t]), flat(bf), flat(r[:, :t]), flat(bv),
+                                                   grid_search=grid_search))
+    return out
+
+
+def fit_poisson_glm(x: np.ndarray, y: np.ndarray, alpha: float, max_iter: int = 200):
+    """Fit one Poisson GLM (log link) per column of ``y``, all at once; return a predict function.
+
+    Minimises sklearn ``PoissonRegressor``'s objective, ``mean(exp(eta) - y * eta) + alpha/2 ||w||^2``
+    per output (intercept unpenalised), with full-batch L-BFGS in torch: the same fit, but all
+    held-out neurons in one solve (sklearn fits them one by one, ~100x slower here).
+    """
+    xt = torch.as_tensor(x, dtype=torch.float64)
+    yt = torch.as_tensor(y, dtype=torch.float64)
+    mu, sd = xt.mean(0), xt.std(0).clamp_min(1e-8)  # standardise for conditioning; undone below
+    xs = (xt - mu) / sd
+    w = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.log(yt.mean(0).clamp_min(1e-8)).clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        eta = xs @ w + b  # fit in standardised coordinates, penalise the raw-scale weights
+        loss = (torch.exp(eta) - yt * eta).mean(0).sum() + 0.5 * alpha * (w / sd[:, None]).pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w_raw = (w / sd[:, None]).detach()
+    b_raw = (b - (mu / sd) @ w).detach()
+
+    def predict(x_new: np.ndarray) -> np.ndarray:
+        eta = torch.as_tensor(x_new, dtype=torch.float64) @ w_raw + b_raw
+        return torch.exp(eta).numpy()
+
+    return predict
+
+
+def smoothing_baseline(
+    train: Batch,
+    eval: Batch,
+    bin_ms: int,
+    dataset: Optional[str] = None,
+    kern_sd_ms: Optional[float] = None,
+    alpha: Optional[float] = None,
+) -> Dict[str, np.ndarray]:
+    """NLB spike-smoothing baseline, as rates (counts per bin) under :data:`RATE_KEYS`.
+
+    Held-in rates are Gaussian-smoothed held-in counts; held-out rates come from a Poisson GLM
+    per held-out neuron (:func:`fit_poisson_glm`, sklearn ``PoissonRegressor``'s objective), fitted
+    on the training trials from their log smoothed held-in counts; forward rates are each neuron's mean count per bin in the
+    training trials' forward window.
+
+    Parameters
+    ----------
+    train : Batch
+        Trials with held-out neurons (and forward bins) observed; only they fit the GLM.
+    eval : Batch
+        Trials to predict (only their ``input`` is read).
+    bin_ms : int
+    dataset : str, optional
+        Picks nlb_tools' default kernel width and alpha (:data:`BASELINE_PARAMS`).
+    kern_sd_ms, alpha : float, optional
+        Override the defaults (60 ms, 0.1 without a dataset).
+    """
+    sd, a = BASELINE_PARAMS.get(dataset, (60, 0.1))
+    sd = kern_sd_ms if kern_sd_ms is not None else sd
+    a = alpha if alpha is not None else a
+    t, n_in = train.n_observed_bins, train.n_heldin
+    tgt = _masked_counts(train)
+    if np.isnan(tgt[:, :t, n_in:]).any():
+        raise NLBDataError("smoothing_baseline: training trials must have all held-out counts observed")
+    sm_tr = smooth_spikes(train.input.cpu().numpy(), sd / bin_ms)
+    sm_ev = smooth_spikes(eval.input.cpu().numpy(), sd / bin_ms)
+    feats = lambda x: np.log(x.reshape(-1, n_in) + 1e-4)  # noqa: E731
+    x_tr, x_ev = feats(sm_tr), feats(sm_ev)
+    y_tr = tgt[:, :t, n_in:].reshape(-1, train.n_heldout)
+    predict = fit_poisson_glm(x_tr, y_tr, a)
+    pred_tr, pred_ev = predict(x_tr), predict(x_ev)
+    fwd = tgt[:, t:, :]
+    mean_fwd = np.nanmean(fwd, axis=(0, 1)) if fwd.size and not np.isnan(fwd).all() \
+        else np.nanmean(tgt[:, :t, :], axis=(0, 1))
+    n_ev, f = eval.n_trials, eval.n_forward_bins
+    floor = 1e-6
+    return {
+        "train_rates_heldin": np.maximum(sm_tr, floor),
+        "train_rates_heldout": np.maximum(pred_tr.reshape(train.n_trials, t, -1), floor),
+        "eval_rates_heldin": np.maximum(sm_ev, floor),
+        "eval_rates_heldout": np.maximum(pred_ev.reshape(n_ev, t, -1), floor),
+        "eval_rates_heldin_forward": np.tile(np.maximum(mean_fwd[:n_in], floor), (n_ev, f, 1)),
+        "eval_rates_heldout_forward": np.tile(np.maximum(mean_fwd[n_in:], floor), (n_ev, f, 1)),
+    }
+
+
+def write_submission(path: Union[str, os.PathLike], dataset: str, bin_ms: int,
+                     rates: Mapping[str, ArrayLike]) -> Path:
+    """Write rates into an nlb_tools submission h5 with ``nlb_tools.make_tensors.save_to_h5``.
+
+    The group is ``dataset`` for 5 ms and ``dataset_20`` for 20 ms; other groups already in the
+    file are kept (one file may hold several datasets), this one is overwritten.
+
+    Parameters
+    ----------
+    path : path-like
+    dataset : str
+    bin_ms : {5, 20}
+    rates : mapping
+        All of :data:`RATE_KEYS`, (trial, time, neuron) expected counts per bin.
+    """
+    from nlb_tools.make_tensors import save_to_h5
+
+    check_args(dataset, bin_ms, "val")
+    missing = [k for k in RATE_KEYS if k not in rates]
+    if missing:
+        raise NLBDataError(f"submission rates lack {missing}")
+    arrays = {k: check_rates(rates[k], k, bin_ms).astype(np.float32) for k in RATE_KEYS}
+    for a, b in (("train_rates_heldin", "train_rates_heldout"), ("eval_rates_heldin", "eval_rates_heldout"),
+                 ("eval_rates_heldin_forward", "eval_rates_heldout_forward")):
+        if arrays[a].shape[:2] != arrays[b].shape[:2]:
+            raise NLBDataError(f"submission: {a} {arrays[a].shape} and {b} {arrays[b].shape} differ in trials/bins")
+    if arrays["eval_rates_heldin"].shape[2] != arrays["eval_rates_heldin_forward"].shape[2] or \
+            arrays["train_rates_heldin"].shape[2] != arrays["eval_rates_heldin"].shape[2]:
+        raise NLBDataError("submission: held-in neuron counts differ between keys")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_to_h5({group_name(dataset, bin_ms): arrays}, str(path), overwrite=True)
+    return path
+
+
+def evaluate_submission(target: Union[str, os.PathLike, Mapping], submission: Union[str, os.PathLike]
+                        ) -> List[Dict[str, Dict[str, float]]]:
+    """Run ``nlb_tools.evaluation.evaluate`` (the EvalAI scorer) on a target and a submission."""
+    from nlb_tools.evaluation import evaluate
+
+    tgt = str(target) if isinstance(target, (str, os.PathLike)) else target
+    for p in (tgt, submission):
+        if isinstance(p, (str, os.PathLike)) and not Path(p).is_file():
+            raise NLBDataError(f"{p}: file not found")
+    return evaluate(tgt, str(submission))
