@@ -1,0 +1,193 @@
+"""Shared pieces of the ablation guides: the per-step loop over a model's latent sites and encoder heads.
+
+Every guide here has the model's signature ``guide(batch)`` and samples exactly the model's latent
+sites: ``z_0``, ``v_0`` and ``v_1 .. v_{T+F-1}`` inside the ``"trials"`` plate. The loop lives in
+:class:`StepwiseGuide`; a subclass only says
+
+* what it computes once per batch (:meth:`StepwiseGuide.prepare`, e.g. encoder states),
+* the law of ``(z_0, v_0)`` (:meth:`StepwiseGuide.initial`), and
+* the law of ``v_t`` in an observed bin (:meth:`StepwiseGuide.step`); returning ``None`` there, and
+  in every forward bin (no data), means "use the prior transition ``model.transition``".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pyro_langevin.batch import Batch
+from pyro_langevin.models.langevin_flow import LangevinFlow, velocity_site
+from pyro_langevin.transition import TransitionOutput
+
+__all__ = ["StepwiseGuide", "EncoderGuide", "GRUEncoder", "InitialStateHead", "ForceHead", "shifted_prior"]
+
+#: ``softplus(_SOFTPLUS_ONE) == 1``: initial scales start at one.
+_SOFTPLUS_ONE = math.log(math.e - 1.0)
+
+
+class StepwiseGuide(nn.Module):
+    """Base class: the per-step loop over ``z_0``, ``v_0``, ``v_1 .. v_{T+F-1}``.
+
+    Parameters
+    ----------
+    model : LangevinFlow
+        Held by plain reference (not a submodule), so ``guide.parameters()`` does not repeat the
+        model's parameters and ``fit`` optimises each parameter once.
+    """
+
+    def __init__(self, model: LangevinFlow) -> None:
+        super().__init__()
+        self.__dict__["prior"] = model
+
+    # ----- what subclasses say ---------------------------------------------------------------
+    def prepare(self, batch: Batch) -> Any:
+        """Per-batch context handed to :meth:`initial` and :meth:`step` (default: the batch)."""
+        return batch
+
+    def initial(self, ctx: Any, batch: Batch) -> tuple[dist.Distribution, dist.Distribution]:
+        """Laws of ``z_0`` and ``v_0``, each with batch shape (trial,) and event shape (D,)."""
+        raise NotImplementedError
+
+    def step(
+        self, t: int, z: torch.Tensor, v: torch.Tensor, prior: TransitionOutput, ctx: Any
+    ) -> Optional[dist.Distribution]:
+        """Law of ``v_t`` in observed bin ``t >= 1`` given the sampled ``z_{t-1}``, ``v_{t-1}``.
+
+        ``prior`` is the model's transition from ``(z, v)``. Return ``None`` to use the prior.
+        """
+        return None
+
+    # ----- the loop ----------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> None:
+        """Sample every latent site of ``self.prior`` for ``batch`` (observed and forward bins)."""
+        model = self.prior
+        ctx = self.prepare(batch)
+        q_z0, q_v0 = self.initial(ctx, batch)
+        n_obs = batch.n_observed_bins
+        with pyro.plate("trials", batch.n_trials, dim=-1):
+            z = pyro.sample("z_0", q_z0)
+            v = pyro.sample(velocity_site(0), q_v0)
+            for t in pyro.markov(range(1, batch.n_bins)):
+                prior = model.transition(z, v)
+                q = self.step(t, z, v, prior, ctx) if t < n_obs else None
+                if q is None:
+                    q = dist.Normal(prior.v_loc, prior.v_scale).to_event(1)
+                z = prior.z_next
+                v = pyro.sample(velocity_site(t), q)
+
+
+class GRUEncoder(nn.Module):
+    """A GRU over the held-in spikes (``log1p`` counts), one or both directions.
+
+    Returns per-bin features ``h`` (trial, T, F) and a trial summary ``h_ic`` (trial, F) for the
+    initial state: the last state of each direction (the backward direction's last state has read
+    the whole trial from the end to bin 0). ``F = hidden * (2 if bidirectional else 1)``.
+    In the bidirectional case ``h_t`` has read the whole trial (a smoothing posterior).
+    """
+
+    def __init__(self, n_heldin: int, hidden: int = 64, bidirectional: bool = True, dropout: float = 0.05) -> None:
+        super().__init__()
+        self.n_heldin = n_heldin
+        self.gru = nn.GRU(n_heldin, hidden, batch_first=True, bidirectional=bidirectional)
+        self.dropout = nn.Dropout(dropout)
+        self.out_features = hidden * (2 if bidirectional else 1)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch.n_heldin != self.n_heldin:
+            raise ValueError(f"guide reads {self.n_heldin} held-in neurons, batch has {batch.n_heldin}")
+        x = self.dropout(torch.log1p(batch.input))
+        h, h_last = self.gru(x)  # h_last: (directions, trial, hidden)
+        h_ic = torch.cat(list(h_last), dim=-1)
+        return self.dropout(h), self.dropout(h_ic)
+
+
+class InitialStateHead(nn.Module):
+    """Gaussian ``q(z_0)``, ``q(v_0)`` from features; starts near the prior ``N(0, I)``."""
+
+    def __init__(self, in_features: int, latent_dim: int) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.net = nn.Linear(in_features, 4 * latent_dim)
+        with torch.no_grad():
+            self.net.weight.mul_(0.1)
+            self.net.bias.zero_()
+            self.net.bias[2 * latent_dim:].fill_(_SOFTPLUS_ONE)
+
+    def forward(self, h: torch.Tensor) -> tuple[dist.Distribution, dist.Distribution]:
+        z_loc, v_loc, z_raw, v_raw = self.net(h).split(self.latent_dim, dim=-1)
+        q_z = dist.Normal(z_loc, F.softplus(z_raw) + 1e-4).to_event(1)
+        q_v = dist.Normal(v_loc, F.softplus(v_raw) + 1e-4).to_event(1)
+        return q_z, q_v
+
+
+class ForceHead(nn.Module):
+    """Learned stochastic force and log scale-factor on top of the prior transition.
+
+    ``q(v_t) = Normal(prior_loc + u, prior_scale * exp(r))`` with ``(u, r) = net(features)``. The
+    last layer is zero-initialised, so ``q`` starts equal to the prior transition.
+
+    Parameters
+    ----------
+    in_features : int
+    latent_dim : int
+    hidden : int
+        0 for a linear head; otherwise a one-hidden-layer MLP (tanh) of this width.
+    """
+
+    def __init__(self, in_features: int, latent_dim: int, hidden: int = 0) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        last = nn.Linear(hidden or in_features, 2 * latent_dim)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.net = last if hidden == 0 else nn.Sequential(nn.Linear(in_features, hidden), nn.Tanh(), last)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(force, log_scale)``, each (..., D)."""
+        force, log_scale = self.net(features).split(self.latent_dim, dim=-1)
+        return force, log_scale.clamp(-7.0, 5.0)
+
+
+def shifted_prior(prior: TransitionOutput, force: torch.Tensor, log_scale: torch.Tensor) -> dist.Distribution:
+    """``Normal(prior.v_loc + force, prior.v_scale * exp(log_scale))`` with event shape (D,)."""
+    return dist.Normal(prior.v_loc + force, prior.v_scale * torch.exp(log_scale)).to_event(1)
+
+
+class EncoderGuide(StepwiseGuide):
+    """A :class:`StepwiseGuide` whose context is a :class:`GRUEncoder`'s output.
+
+    ``q(z_0, v_0)`` comes from the encoder's trial summary through an :class:`InitialStateHead`.
+    Subclasses add a per-step law in :meth:`step` (this class alone uses the prior transition for
+    every ``v_t``, t >= 1).
+
+    Parameters
+    ----------
+    model : LangevinFlow
+    n_heldin : int
+        Neurons the guide reads.
+    hidden : int
+        GRU state size (per direction).
+    bidirectional : bool
+        Read the trial in both directions.
+    dropout : float
+    """
+
+    def __init__(
+        self, model: LangevinFlow, n_heldin: int, hidden: int = 64, bidirectional: bool = True, dropout: float = 0.05
+    ) -> None:
+        super().__init__(model)
+        self.n_heldin = n_heldin
+        self.encoder = GRUEncoder(n_heldin, hidden, bidirectional=bidirectional, dropout=dropout)
+        self.initial_head = InitialStateHead(self.encoder.out_features, model.latent_dim)
+
+    def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(batch)
+
+    def initial(self, ctx: tuple[torch.Tensor, torch.Tensor], batch: Batch) -> tuple[dist.Distribution, dist.Distribution]:
+        return self.initial_head(ctx[1])
