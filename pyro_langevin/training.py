@@ -8,12 +8,17 @@ loop full control of learning-rate plateaus, weight-decay ramps and clipping.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
 import random
+import signal
+import sys
 import tempfile
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
@@ -24,11 +29,18 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
-from pyro_langevin.batch import Batch
+from pyro_langevin.batch import Batch, BatchError
 from pyro_langevin.handlers import scale_latents
 from pyro_langevin.posterior import eval_mode
 
-__all__ = ["FitConfig", "FitResult", "fit", "coordinated_dropout", "default_device", "save_checkpoint", "load_checkpoint"]
+__all__ = [
+    "FitConfig", "FitResult", "fit", "coordinated_dropout", "default_device", "save_checkpoint",
+    "load_checkpoint", "restore_checkpoint", "load_state_checked", "TrainingDivergedError",
+    "CheckpointMismatchError",
+]
+
+#: Version of the checkpoint layout written by :func:`fit`.
+CHECKPOINT_FORMAT = 2
 
 MetricFn = Callable[[torch.nn.Module, torch.nn.Module, Batch], dict[str, float]]
 
@@ -73,6 +85,18 @@ class FitConfig:
     val_samples : int
         Posterior samples averaged in the default validation loss.
     seed : int
+    max_retries : int
+        Numerical faults (a NaN or infinite loss, gradient, parameter or validation metric, or a
+        distribution rejecting non-finite parameters) are caught at the step they happen: the loop
+        restores the state at the start of the epoch (model, guide, optimizer, scheduler), multiplies
+        the learning rate by ``fault_lr_factor`` and redoes the epoch. After ``max_retries``
+        consecutive faults without completing an epoch it raises :class:`TrainingDivergedError`
+        (0: raise at the first fault).
+    fault_lr_factor : float
+        Learning-rate multiplier applied at each recovery, in (0, 1].
+    checkpoint_every : int
+        With ``checkpoint_dir``, write ``last.pt`` every this many epochs (and after the last one).
+        Every checkpoint is an epoch boundary from which ``resume`` reproduces an uninterrupted run.
     """
 
     epochs: int = 300
@@ -96,6 +120,9 @@ class FitConfig:
     num_particles: int = 1
     val_samples: int = 1
     seed: int = 0
+    max_retries: int = 3
+    fault_lr_factor: float = 0.5
+    checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
         checks = {
@@ -110,6 +137,10 @@ class FitConfig:
             "elbo": self.elbo in ("meanfield", "trace"),
             "num_particles": self.num_particles >= 1,
             "kl_final": self.kl_final >= 0 and self.kl_start >= 0,
+            "max_retries": self.max_retries >= 0,
+            "fault_lr_factor": 0 < self.fault_lr_factor <= 1,
+            "checkpoint_every": self.checkpoint_every >= 1,
+            "val_samples": self.val_samples >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -139,6 +170,45 @@ class FitResult:
     best_state: Optional[dict[str, Any]] = None
     stopped_early: bool = False
     seconds: float = 0.0
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    """Numerical faults recovered from (epoch, step, what, lr before and after)."""
+
+
+class TrainingDivergedError(FloatingPointError):
+    """Training kept producing non-finite values after ``FitConfig.max_retries`` recoveries.
+
+    Attributes
+    ----------
+    epoch, step : int
+        Where the last fault happened (``step`` is the minibatch within the epoch, -1 for checks
+        at the end of the epoch such as validation).
+    what : str
+        What was non-finite.
+    faults : list of dict
+        Every fault of the run.
+    """
+
+    def __init__(self, message: str, epoch: int, step: int, what: str, faults: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.epoch, self.step, self.what, self.faults = epoch, step, what, faults
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors do not fit the model or guide it is loaded into."""
+
+
+class _Fault(Exception):
+    """Internal: a numerical fault at (epoch, step)."""
+
+    def __init__(self, epoch: int, step: int, what: str) -> None:
+        super().__init__(what)
+        self.epoch, self.step, self.what = epoch, step, what
+
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int, epoch: int, step: int) -> None:
+        super().__init__(signum)
+        self.signum, self.epoch, self.step = signum, epoch, step
 
 
 def coordinated_dropout(batch: Batch, keep: float, generator: Optional[torch.Generator] = None) -> Batch:
@@ -209,11 +279,167 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
         raise ValueError(f"checkpoint {path} is unreadable or truncated: {exc}") from exc
 
 
+def _clone(obj: Any) -> Any:
+    """Deep copy of nested dicts/lists/tuples whose tensors are cloned (detached, same device)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return type(obj)((k, _clone(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
 def _snapshot(model: torch.nn.Module, guide: torch.nn.Module) -> dict[str, Any]:
-    return {
-        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "guide": {k: v.detach().clone() for k, v in guide.state_dict().items()},
-    }
+    return {"model": _clone(model.state_dict()), "guide": _clone(guide.state_dict())}
+
+
+#: Integer attributes recorded from the model and guide so that size mismatches can be explained.
+_SIZE_ATTRS = ("n_neurons", "n_heldin", "n_heldout", "latent_dim", "hidden", "hidden_size", "n_trials")
+
+
+def _module_sizes(module: Any) -> dict[str, int]:
+    """The constructor sizes a module exposes (``n_neurons``, ``latent_dim``, ``n_heldin`` ...)."""
+    sizes = {}
+    for name in _SIZE_ATTRS:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            sizes[name] = value
+    gru = getattr(module, "gru", None)
+    if "hidden" not in sizes and isinstance(gru, torch.nn.RNNBase):
+        sizes["hidden"] = gru.hidden_size
+    return sizes
+
+
+def _fmt_sizes(sizes: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sizes.items()) or "(sizes not recorded)"
+
+
+def load_state_checked(
+    module: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    label: str = "model",
+    saved_sizes: Optional[dict[str, int]] = None,
+) -> None:
+    """``module.load_state_dict(state)`` after checking every tensor's name and shape.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+    state : dict
+        A state dict, e.g. ``checkpoint["model"]``.
+    label : str
+        What ``module`` is, for messages (``"model"`` or ``"guide"``).
+    saved_sizes : dict, optional
+        The sizes recorded when the checkpoint was written (``checkpoint["sizes"][label]``).
+
+    Raises
+    ------
+    CheckpointMismatchError
+        Naming the first mismatching tensor with both shapes and, when known, the constructor
+        sizes (e.g. ``n_neurons=12`` in the checkpoint vs ``n_neurons=10`` here).
+    """
+    own = module.state_dict()
+    problems = []
+    for key, value in state.items():
+        if key not in own:
+            problems.append(f"tensor {key!r} is in the checkpoint but not in this {label}")
+        elif tuple(own[key].shape) != tuple(value.shape):
+            problems.append(
+                f"tensor {key!r} has shape {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} in this {label}"
+            )
+    missing = [k for k in own if k not in state]
+    if missing:
+        problems.append(f"this {label} has tensors missing from the checkpoint: {missing[:5]}")
+    if problems:
+        here = _module_sizes(module)
+        msg = f"checkpoint does not fit the {label}: {problems[0]}"
+        if len(problems) > 1:
+            msg += f" (and {len(problems) - 1} more mismatches)"
+        if saved_sizes is not None:
+            diff = {k: (saved_sizes[k], here[k]) for k in saved_sizes if k in here and saved_sizes[k] != here[k]}
+            if diff:
+                msg += ". Sizes differ: " + ", ".join(f"{k}={a} in the checkpoint vs {k}={b} here" for k, (a, b) in diff.items())
+            else:
+                msg += f". Checkpoint {label}: {_fmt_sizes(saved_sizes)}; this {label}: {_fmt_sizes(here)}"
+        msg += f". Build the {label} with the checkpoint's settings (checkpoint['meta'], checkpoint['sizes'])."
+        raise CheckpointMismatchError(msg)
+    module.load_state_dict(state)
+
+
+def restore_checkpoint(
+    checkpoint: Union[str, Path, dict[str, Any]],
+    model: torch.nn.Module,
+    guide: Optional[torch.nn.Module] = None,
+    map_location: Union[str, torch.device] = "cpu",
+    best: bool = False,
+) -> dict[str, Any]:
+    """Load a :func:`fit` checkpoint's parameters into ``model`` (and ``guide``), checking shapes.
+
+    Parameters
+    ----------
+    checkpoint : path or dict
+        A file written by :func:`fit` or its loaded contents.
+    model, guide : torch.nn.Module
+    map_location : str or torch.device
+    best : bool
+        Load the best validated state stored in the checkpoint instead of the last one.
+
+    Returns
+    -------
+    dict
+        The checkpoint (``epoch``, ``config``, ``meta``, ``history`` ...).
+    """
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location)
+    states = ckpt["best_state"] if best and ckpt.get("best_state") is not None else ckpt
+    sizes = ckpt.get("sizes") or {}
+    load_state_checked(model, states["model"], "model", sizes.get("model"))
+    if guide is not None:
+        load_state_checked(guide, states["guide"], "guide", sizes.get("guide"))
+    return ckpt
+
+
+class _SignalGuard:
+    """Defer SIGINT/SIGTERM during a fit to the next step boundary (a second signal stops at once)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.previous: dict[int, Any] = {}
+        self.received: Optional[int] = None
+
+    def __enter__(self) -> "_SignalGuard":
+        if self.enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                prev = signal.getsignal(sig)
+                if prev in (signal.SIG_IGN, None):
+                    continue
+                self.previous[sig] = prev
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # impatient: second signal, stop now
+            previous = self.previous.get(signum)
+            self.restore()
+            _reraise_signal(signum, previous, frame)
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, prev in self.previous.items():
+            signal.signal(sig, prev)
+        self.previous = {}
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+
+def _reraise_signal(signum: int, previous: Any, frame: Any = None, message: str = "") -> None:
+    """Behave as the signal would have without our handler: KeyboardInterrupt, exit, or the old handler."""
+    if callable(previous) and previous is not signal.default_int_handler:
+        previous(signum, frame)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt(message) if message else KeyboardInterrupt()
+    raise SystemExit(128 + signum)
 
 
 def validation_loss(model: torch.nn.Module, guide: torch.nn.Module, batch: Batch, elbo=None, n_samples: int = 1) -> float:
@@ -222,6 +448,52 @@ def validation_loss(model: torch.nn.Module, guide: torch.nn.Module, batch: Batch
     with eval_mode(model, guide), torch.no_grad():
         total = sum(elbo.loss(model, guide, batch) for _ in range(n_samples)) / n_samples
     return float(total) / max(1, int(batch.mask.sum()))
+
+
+def _check_fit_inputs(model: Any, guide: Any, train: Batch, valid: Optional[Batch]) -> None:
+    """Validate the batches and their agreement with each other and with the model and guide."""
+    for name, b in (("train", train), ("valid", valid)):
+        if b is None:
+            continue
+        if not isinstance(b, Batch):
+            raise TypeError(f"{name}: expected a Batch (see pyro_langevin.make_batch), got {type(b).__name__}")
+        try:
+            b.validate()
+        except BatchError as exc:
+            raise BatchError(f"{name}.{exc}") from exc
+        if not bool(b.mask.any()):
+            raise BatchError(f"{name}.mask: no entry is scored (mask is all False)")
+    if valid is not None:
+        if valid.n_heldin != train.n_heldin:
+            raise BatchError(f"valid: {valid.n_heldin} held-in neurons but train has {train.n_heldin}")
+        if valid.n_neurons != train.n_neurons:
+            raise BatchError(
+                f"valid: {valid.n_neurons} neurons (held-in + held-out) but train has {train.n_neurons}"
+            )
+        if valid.n_observed_bins != train.n_observed_bins or valid.n_bins != train.n_bins:
+            warnings.warn(
+                f"valid has {valid.n_observed_bins}+{valid.n_forward_bins} bins, train "
+                f"{train.n_observed_bins}+{train.n_forward_bins}", stacklevel=3,
+            )
+    n_model = getattr(model, "n_neurons", None)
+    if isinstance(n_model, int) and n_model != train.n_neurons:
+        raise BatchError(
+            f"train: {train.n_neurons} neurons (held-in + held-out) but the model was built for n_neurons={n_model}"
+        )
+    n_guide = getattr(guide, "n_heldin", None)
+    if isinstance(n_guide, int) and n_guide != train.n_heldin:
+        raise BatchError(f"train: {train.n_heldin} held-in neurons but the guide reads n_heldin={n_guide}")
+
+
+def _is_invalid_value_error(exc: BaseException) -> bool:
+    """A torch/Pyro distribution rejecting non-finite parameters (argument validation)."""
+    text = str(exc)
+    return isinstance(exc, ValueError) and ("invalid values" in text or "nan" in text.lower() and "constraint" in text)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return lines[0].rstrip(":")[:300]
 
 
 def fit(
@@ -237,6 +509,8 @@ def fit(
     resume: Union[str, Path, None] = None,
     init_rates: bool = True,
     progress: bool = True,
+    meta: Optional[dict[str, Any]] = None,
+    handle_signals: bool = True,
 ) -> FitResult:
     """Train ``model`` and ``guide`` by SVI on ``train``, selecting the best state on ``valid``.
 
@@ -248,7 +522,8 @@ def fit(
         Training trials (their ``mask`` says which counts are scored).
     valid : Batch, optional
         Validation trials, never trained on: they drive early stopping, LR plateaus and the choice
-        of the returned state. Without them the final state is returned.
+        of the returned state. Without them the final state is returned. Must have the same
+        held-in and total neuron counts as ``train``.
     config : FitConfig, optional
     device : str or torch.device, optional
         Default: ``cuda`` when available, else ``cpu``.
@@ -256,25 +531,51 @@ def fit(
         ``metric_fn(model, guide, valid) -> dict`` of extra validation metrics (run in eval mode);
         ``config.select_on`` may name one of them.
     checkpoint_dir : path, optional
-        Writes ``last.pt`` at every validation and ``best.pt`` when the metric improves.
+        Writes ``last.pt`` (atomically) every ``config.checkpoint_every`` epochs and after the last
+        one, and ``best.pt`` when the validation metric improves. A checkpoint holds model, guide,
+        optimizer and scheduler states, every RNG state, the epoch, the config, the history, the
+        model/guide sizes and ``meta``.
     resume : path, optional
-        A ``last.pt`` to continue from (same config and data).
+        A checkpoint (``last.pt``) to continue from. Training continues at the epoch after it, so
+        that an interrupted and resumed run ends with the same parameters as an uninterrupted one
+        (same data, device and config; ``config.epochs`` may change). Shapes are checked first.
     init_rates : bool
         Set the decoder's readout bias to the log mean training counts (skipped on resume).
     progress : bool
         Show a progress bar with the loss and the validation metric.
+    meta : dict, optional
+        Anything needed to rebuild the model and guide (constructor settings, dataset name); saved
+        as ``checkpoint["meta"]``.
+    handle_signals : bool
+        With ``checkpoint_dir``, SIGINT and SIGTERM (in the main thread) stop the fit at the next
+        step: ``last.pt`` is written with the state at the start of the current epoch (an exact
+        resume point), the model and guide are left holding that state, and ``KeyboardInterrupt``
+        (SIGINT) or ``SystemExit(128 + signum)`` (SIGTERM) is raised. A second signal stops at once.
 
     Returns
     -------
     FitResult
-        History (one dict per epoch) and the best epoch; ``model`` and ``guide`` are left holding
-        the best parameters (or the last ones without ``valid``).
+        History (one dict per epoch), the best epoch and the faults recovered from; ``model`` and
+        ``guide`` are left holding the best parameters (or the last ones without ``valid``).
+
+    Raises
+    ------
+    BatchError
+        Invalid data, or data that disagree with each other or with the model/guide sizes.
+    CheckpointMismatchError
+        ``resume`` names a checkpoint of a differently sized model or guide.
+    TrainingDivergedError
+        Non-finite values persisted through ``config.max_retries`` recoveries. The model and guide
+        hold the last good state (also written to ``last.pt`` with ``checkpoint_dir``).
     """
     config = config or FitConfig()
+    if not isinstance(config, FitConfig):
+        raise TypeError(f"config: expected a FitConfig, got {type(config).__name__}")
     device = torch.device(device) if device is not None else default_device()
-    train = train.validate().to(device)
+    _check_fit_inputs(model, guide, train, valid)
+    train = train.to(device)
     if valid is not None:
-        valid = valid.validate().to(device)
+        valid = valid.to(device)
     model.to(device)
     guide.to(device)
 
@@ -282,7 +583,11 @@ def fit(
     pyro.set_rng_seed(config.seed)
     shuffle_gen = torch.Generator().manual_seed(config.seed)
 
-    params = list({id(p): p for p in [*model.parameters(), *guide.parameters()]}.values())
+    named = [(f"model.{k}", p) for k, p in model.named_parameters()] + [(f"guide.{k}", p) for k, p in guide.named_parameters()]
+    names: dict[int, str] = {}
+    for k, p in named:
+        names.setdefault(id(p), k)
+    params = [p for p in {id(p): p for _, p in named}.values()]
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode=config.select_mode, factor=config.lr_plateau_factor,
@@ -292,89 +597,224 @@ def fit(
     result = FitResult()
     start_epoch, bad_validations = 0, 0
     best = math.inf if config.select_mode == "min" else -math.inf
+    sizes = {"model": _module_sizes(model), "guide": _module_sizes(guide)}
 
     if resume is not None:
         ckpt = load_checkpoint(resume, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        guide.load_state_dict(ckpt["guide"])
+        saved = ckpt.get("sizes") or {}
+        load_state_checked(model, ckpt["model"], "model", saved.get("model"))
+        load_state_checked(guide, ckpt["guide"], "guide", saved.get("guide"))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch = ckpt["epoch"] + 1
-        result.history = ckpt["history"]
+        result.history = list(ckpt["history"])
         result.best_epoch, best = ckpt["best_epoch"], ckpt["best_metric"]
         result.best_state = ckpt.get("best_state")
+        result.faults = list(ckpt.get("faults", []))
         bad_validations = ckpt["bad_validations"]
         shuffle_gen.set_state(ckpt["shuffle_rng"])
         _set_rng_state(ckpt["rng"])
-    elif init_rates and hasattr(model, "decoder"):
-        counts = (train.target * train.mask).sum((0, 1)) / train.mask.sum((0, 1)).clamp_min(1)
+        changed = {k: (v, getattr(config, k)) for k, v in ckpt.get("config", {}).items()
+                   if hasattr(config, k) and getattr(config, k) != v
+                   and k not in ("epochs", "patience", "checkpoint_every", "max_retries", "val_every")}
+        if changed:
+            warnings.warn("resuming with a different config: " + ", ".join(
+                f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()), stacklevel=2)
+        if meta is None:
+            meta = ckpt.get("meta")
+    elif init_rates and hasattr(model, "decoder") and hasattr(model.decoder, "init_rates"):
+        counts = (train.target.nan_to_num() * train.mask).sum((0, 1)) / train.mask.sum((0, 1)).clamp_min(1)
         model.decoder.init_rates(counts)
 
-    def checkpoint(epoch: int, name: str) -> None:
-        if checkpoint_dir is None:
-            return
-        save_checkpoint(Path(checkpoint_dir) / name, {
-            "model": model.state_dict(), "guide": guide.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch, "config": dataclasses.asdict(config), "history": result.history,
+    def capture(epoch_done: int) -> dict[str, Any]:
+        """The full training state at an epoch boundary, in memory (tensors cloned)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": _clone(model.state_dict()), "guide": _clone(guide.state_dict()),
+            "optimizer": _clone(optimizer.state_dict()), "scheduler": copy.deepcopy(scheduler.state_dict()),
+            "epoch": epoch_done, "config": dataclasses.asdict(config), "history_len": len(result.history),
             "best_epoch": result.best_epoch, "best_metric": best, "best_state": result.best_state,
             "bad_validations": bad_validations, "shuffle_rng": shuffle_gen.get_state(), "rng": _rng_state(),
-        })
+            "faults": list(result.faults), "sizes": sizes, "meta": meta,
+        }
 
-    t0 = time.perf_counter()
+    def write(snap: dict[str, Any], name: str, **extra: Any) -> Optional[Path]:
+        if checkpoint_dir is None:
+            return None
+        payload = {k: v for k, v in snap.items() if k != "history_len"}
+        payload["history"] = result.history[: snap["history_len"]]
+        payload.update(extra)
+        return save_checkpoint(Path(checkpoint_dir) / name, payload)
+
+    def restore(snap: dict[str, Any]) -> None:
+        nonlocal best, bad_validations
+        model.load_state_dict(snap["model"])
+        guide.load_state_dict(snap["guide"])
+        optimizer.load_state_dict(_clone(snap["optimizer"]))  # clone: Adam updates its state in place
+        scheduler.load_state_dict(copy.deepcopy(snap["scheduler"]))
+        del result.history[snap["history_len"]:]
+        result.best_epoch, best, result.best_state = snap["best_epoch"], snap["best_metric"], snap["best_state"]
+        bad_validations = snap["bad_validations"]
+
+    def first_bad_grad() -> str:
+        for p in params:
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                return names[id(p)]
+        return "?"
+
+    def first_bad_param() -> Optional[str]:
+        for p in params:
+            if not bool(torch.isfinite(p.detach()).all()):
+                return names[id(p)]
+        return None
+
+    fork_devices = [device] if device.type == "cuda" else []
     n = train.n_trials
-    bar = tqdm(range(start_epoch, config.epochs), disable=not progress, desc="fit", unit="epoch",
-               initial=start_epoch, total=config.epochs)
-    for epoch in bar:
+    guard = _SignalGuard(handle_signals and checkpoint_dir is not None)
+
+    def run_epoch(epoch: int) -> tuple[dict[str, float], bool, bool]:
+        """One epoch of steps plus validation; raises _Fault or _Interrupted."""
+        nonlocal best, bad_validations
         model.train()
         guide.train()
         kl_w = config.kl_weight(epoch)
         for group in optimizer.param_groups:
             group["weight_decay"] = config.weight_decay_at(epoch)
         perm = torch.randperm(n, generator=shuffle_gen)
-        total, scored = 0.0, 0
-        for start in range(0, n, config.batch_size):
+        total = torch.zeros((), device=device, dtype=torch.float64)
+        scored = torch.zeros((), device=device, dtype=torch.long)
+        for step, start in enumerate(range(0, n, config.batch_size)):
+            if guard.received is not None:
+                raise _Interrupted(guard.received, epoch, step)
             mb = coordinated_dropout(train[perm[start : start + config.batch_size].to(device)], config.cd_keep)
-            with scale_latents(kl_w):
-                loss = elbo.differentiable_loss(model, guide, mb)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {epoch}; lower lr or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            try:
+                with scale_latents(kl_w):
+                    loss = elbo.differentiable_loss(model, guide, mb)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            except ValueError as exc:
+                if not _is_invalid_value_error(exc):
+                    raise
+                raise _Fault(epoch, step, f"a distribution parameter ({_first_line(exc)})") from exc
+            gnorm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            # one device sync per step: loss and total gradient norm both finite?
+            if not bool(torch.isfinite(loss.detach()) & torch.isfinite(gnorm)):
+                if not bool(torch.isfinite(loss.detach())):
+                    raise _Fault(epoch, step, f"the loss ({loss.item()})")
+                raise _Fault(epoch, step, f"the gradient (total norm {gnorm.item()}; first non-finite in {first_bad_grad()})")
             optimizer.step()
-            total += loss.item()
-            scored += int(mb.mask.sum())
-        record: dict[str, float] = {"epoch": epoch, "loss": total / max(1, scored), "kl_weight": kl_w,
+            total += loss.detach()
+            scored += mb.mask.sum()
+        bad = first_bad_param()
+        if bad is not None:
+            raise _Fault(epoch, -1, f"parameter {bad} after the optimizer step")
+        record: dict[str, float] = {"epoch": epoch, "loss": float(total) / max(1, int(scored)), "kl_weight": kl_w,
                                     "lr": optimizer.param_groups[0]["lr"]}
-        validate = valid is not None and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs)
+        scheduled = (epoch + 1) % config.val_every == 0
+        validate = valid is not None and (scheduled or epoch + 1 == config.epochs)
+        improved = False
         if validate:
-            record["val_loss"] = validation_loss(model, guide, valid, n_samples=config.val_samples)
-            if metric_fn is not None:
-                with eval_mode(model, guide):
-                    record.update(metric_fn(model, guide, valid))
+            # validation draws from a forked RNG: it never changes the training random stream
+            with torch.random.fork_rng(devices=fork_devices):
+                try:
+                    record["val_loss"] = validation_loss(model, guide, valid, n_samples=config.val_samples)
+                    if metric_fn is not None:
+                        with eval_mode(model, guide):
+                            record.update(metric_fn(model, guide, valid))
+                except ValueError as exc:
+                    if not _is_invalid_value_error(exc):
+                        raise
+                    raise _Fault(epoch, -1, f"a distribution parameter during validation ({_first_line(exc)})") from exc
             if config.select_on not in record:
                 raise KeyError(f"select_on={config.select_on!r} is not among the validation metrics {sorted(record)}")
             value = record[config.select_on]
-            scheduler.step(value)
+            if not math.isfinite(value):
+                raise _Fault(epoch, -1, f"the validation metric {config.select_on} ({value})")
+            if scheduled:  # an off-schedule final validation only takes part in model selection
+                scheduler.step(value)
             improved = value < best if config.select_mode == "min" else value > best
             if improved:
-                best, result.best_epoch, bad_validations = value, epoch, 0
+                best, result.best_epoch = value, epoch
                 result.best_state = _snapshot(model, guide)
-                checkpoint(epoch, "best.pt")
-            else:
+                if scheduled:
+                    bad_validations = 0
+            elif scheduled:
                 bad_validations += 1
-        result.history.append(record)
-        if validate:
-            checkpoint(epoch, "last.pt")
-        postfix = {"loss": f"{record['loss']:.4f}"}
-        if valid is not None and result.best_epoch >= 0:
-            postfix[config.select_on] = f"{best:.4f}"
-        bar.set_postfix(postfix)
-        if validate and config.patience and bad_validations >= config.patience:
-            result.stopped_early = True
-            break
-    bar.close()
+        return record, validate, improved
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=config.epochs, initial=min(start_epoch, config.epochs), disable=not progress, desc="fit", unit="epoch")
+    snap = capture(start_epoch - 1)
+    retries = 0
+    epoch = start_epoch
+    pending: Optional[tuple[int, Any, str]] = None
+    with guard:
+        try:
+            while epoch < config.epochs:
+                try:
+                    record, validated, improved = run_epoch(epoch)
+                except _Fault as fault:
+                    retries += 1
+                    lr_before = optimizer.param_groups[0]["lr"]
+                    info = {"epoch": fault.epoch, "step": fault.step, "what": fault.what, "lr_before": lr_before}
+                    where = f"epoch {fault.epoch}, " + (f"step {fault.step}" if fault.step >= 0 else "end-of-epoch checks")
+                    if retries > config.max_retries:
+                        restore(snap)
+                        info["lr_after"] = lr_before
+                        result.faults.append(info)
+                        path = write(snap, "last.pt")
+                        raise TrainingDivergedError(
+                            f"training diverged: non-finite value in {fault.what} at {where}, after "
+                            f"{config.max_retries} recoveries from the state at the start of epoch {snap['epoch'] + 1} "
+                            f"(learning rate now {lr_before:.3g}, started at {config.lr:.3g}). The model and guide hold "
+                            "that last good state" + (f" (saved to {path})" if path else "") +
+                            ". Check the data, or lower FitConfig.lr or grad_clip.",
+                            fault.epoch, fault.step, fault.what, result.faults,
+                        ) from fault.__cause__
+                    lrs = [g["lr"] * config.fault_lr_factor for g in optimizer.param_groups]
+                    restore(snap)
+                    for g, lr in zip(optimizer.param_groups, lrs):
+                        g["lr"] = lr
+                    scheduler._last_lr = lrs  # keep get_last_lr() truthful
+                    info["lr_after"] = lrs[0]
+                    result.faults.append(info)
+                    warnings.warn(
+                        f"fit: non-finite value in {fault.what} at {where}; restored the state at the start of "
+                        f"epoch {snap['epoch'] + 1} and lowered the learning rate {lr_before:.3g} -> {lrs[0]:.3g} "
+                        f"(retry {retries} of {config.max_retries})", RuntimeWarning, stacklevel=2,
+                    )
+                    continue
+                retries = 0
+                result.history.append(record)
+                stop = validated and config.patience > 0 and bad_validations >= config.patience
+                snap = capture(epoch)
+                if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs or stop:
+                    write(snap, "last.pt")
+                if improved:
+                    write(snap, "best.pt")
+                postfix = {"loss": f"{record['loss']:.4f}"}
+                if valid is not None and result.best_epoch >= 0:
+                    postfix[config.select_on] = f"{best:.4f}"
+                bar.set_postfix(postfix)
+                bar.update(1)
+                epoch += 1
+                if stop:
+                    result.stopped_early = True
+                    break
+                if guard.received is not None:
+                    raise _Interrupted(guard.received, epoch, 0)
+        except _Interrupted as intr:
+            restore(snap)
+            path = write(snap, "last.pt", interrupted=True)
+            name = signal.Signals(intr.signum).name
+            message = (f"fit interrupted by {name} at epoch {intr.epoch} step {intr.step}; state at the start of "
+                       f"epoch {snap['epoch'] + 1} saved to {path} (continue with fit(..., resume={str(path)!r}))")
+            print(message, file=sys.stderr, flush=True)
+            pending = (intr.signum, guard.previous.get(intr.signum), message)
+        finally:
+            bar.close()
+    if pending is not None:  # outside the handlers, so the traceback is the user's, not ours
+        _reraise_signal(pending[0], pending[1], None, pending[2])
     if result.best_state is not None:
         model.load_state_dict(result.best_state["model"])
         guide.load_state_dict(result.best_state["guide"])
