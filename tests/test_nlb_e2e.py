@@ -70,8 +70,11 @@ def test_maze_scores_and_submission(maze, maze_rates, tmp_path):
     ours = score_nlb(maze, rates)
     assert set(ours) == {"co-bps", "vel R2", "psth R2", "fp-bps"}
     assert ours["co-bps"] > 0.05 and ours["vel R2"] > 0.2
-    sub = write_submission(tmp_path / "sub.h5", "mc_maze", 5, rates)
+    write_submission(tmp_path / "sub.h5", "mc_maze", 20, {k: v[:, ::4] for k, v in rates.items()})
+    sub = write_submission(tmp_path / "sub.h5", "mc_maze", 5, {k: v * 0 + 1 for k, v in rates.items()})
+    sub = write_submission(tmp_path / "sub.h5", "mc_maze", 5, rates)  # rewrites the group, keeps _20
     with h5py.File(sub, "r") as f:
+        assert set(f) == {"mc_maze", "mc_maze_20"}
         assert set(f["mc_maze"]) == {"train_rates_heldin", "train_rates_heldout", "eval_rates_heldin",
                                      "eval_rates_heldout", "eval_rates_heldin_forward",
                                      "eval_rates_heldout_forward"}
@@ -118,8 +121,11 @@ def test_hz_rates_are_rejected(maze, maze_rates, tmp_path):
         write_submission(tmp_path / "s.h5", "mc_maze", 5, hz)
     with pytest.raises(RateUnitsError, match="not Hz"):
         score_nlb(maze, hz)
-    full = split_rates(rates_to_full(hz, "eval"), 14, 140, "eval")
-    assert full["eval_rates_heldout"].shape == (12, 140, 5)
+    full = rates_to_full(rates, "eval")
+    assert full.shape == (12, 180, 19)
+    back = split_rates(full, 14, 140, "eval")
+    for k, v in back.items():
+        np.testing.assert_array_equal(v, rates[k])
 
 
 def test_dmfc_val_20ms(dmfc, tmp_path):
@@ -157,23 +163,28 @@ def test_training_file_without_heldout_units(tmp_path):
         load_nlb("mc_maze", tmp_path)
 
 
-def test_cache_on_read_only_location_warns(root, tmp_path):
-    ro = tmp_path / "ro"
-    shutil.copytree(root / "000128", ro / "000128")
-    ro.chmod(0o555)
-    try:
-        if (ro / "probe").parent.stat().st_mode & 0o200 == 0 and not _writable(ro):
-            with pytest.warns(RuntimeWarning, match="could not write the NLB cache"):
-                d = load_nlb("mc_maze", ro, bin_ms=20, phase="val", include_psth=False)
-            assert d.source is None and d.has_eval_target
-    finally:
-        ro.chmod(0o755)
+def test_unwritable_cache_location_warns(root, tmp_path):
+    shutil.copytree(root / "000128", tmp_path / "000128")  # a fresh root: no cache folders yet
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the cache folder should go")
+    with pytest.warns(RuntimeWarning, match="could not write the NLB cache"):
+        d = load_nlb("mc_maze", tmp_path, bin_ms=20, phase="val", cache_dir=blocker, include_psth=False)
+    assert d.source is None and d.has_eval_target and "psth" not in d.eval_target
 
 
-def _writable(path):
-    try:
-        (path / ".probe").touch()
-        (path / ".probe").unlink()
-        return True
-    except OSError:
-        return False
+@pytest.mark.parametrize("kind,bins,metrics", [
+    ("area2_bump", 30, {"co-bps", "vel R2", "psth R2", "fp-bps"}),  # decode masks per bump type
+    ("mc_rtt", 30, {"co-bps", "vel R2", "fp-bps"}),  # finger_vel, no PSTHs
+])
+def test_other_datasets(tmp_path, kind, bins, metrics):
+    make_dandi_dataset(tmp_path, kind, n_train=24, n_val=8, n_test=4, n_heldin=8, n_heldout=3)
+    d = load_nlb(kind, tmp_path, bin_ms=20, phase="val")
+    assert d.n_observed_bins == bins and d.train.behavior.shape == (24, bins, 2)
+    if kind == "area2_bump":
+        assert d.eval_target["train_decode_mask"].shape == (24, 2)
+    rates = smoothing_baseline(d.train, d.eval, 20, kind)
+    out = score_nlb(d, rates)
+    assert set(out) == metrics and np.isfinite(list(out.values())).all()
+    sub = write_submission(tmp_path / "sub.h5", kind, 20, rates)
+    (res,) = evaluate_submission(d.source / "eval_target.h5", sub)
+    assert res[f"{kind}_20_split"]["co-bps"] == pytest.approx(out["co-bps"], rel=1e-4)
