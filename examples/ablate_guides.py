@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny data and 3 epochs (smoke run)")
     p.add_argument("--out", default="runs/ablate", help="output folder (default runs/ablate)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per variant (default 60, quick 3)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per variant (default 40, quick 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--threads", type=int, default=1,
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         epochs, latent_dim = args.epochs or 2, 4
     else:
         data = make_lorenz(n_conditions=40, trials_per_condition=8, n_bins=50, n_neurons=30, n_heldout=5, seed=args.seed)
-        epochs, latent_dim = args.epochs or 60, 8
+        epochs, latent_dim = args.epochs or 40, 8
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
