@@ -663,10 +663,10 @@ def fit(
         return "?"
 
     def first_bad_param() -> Optional[str]:
-        for p in params:
-            if not bool(torch.isfinite(p.detach()).all()):
-                return names[id(p)]
-        return None
+        finite = torch.stack([torch.isfinite(p.detach()).all() for p in params])
+        if bool(finite.all()):  # one device sync per epoch
+            return None
+        return names[id(params[int((~finite).nonzero()[0])])]
 
     fork_devices = [device] if device.type == "cuda" else []
     n = train.n_trials

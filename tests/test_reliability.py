@@ -216,6 +216,25 @@ def test_persistent_faults_stop_with_a_clear_error_and_keep_the_last_good_state(
         assert states_equal(sa, sb)
 
 
+def test_nan_parameter_after_the_last_step_of_an_epoch_is_caught(data, monkeypatch):
+    model, guide = build()
+    real_step, calls = torch.optim.Adam.step, {"n": 0}
+
+    def step(self, *a, **k):
+        out = real_step(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the last step of epoch 0 (2 steps per epoch) leaves a NaN weight
+            with torch.no_grad():
+                guide.force_net.weight[0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    with pytest.warns(RuntimeWarning, match="parameter guide.force_net.weight after the optimizer step at epoch 0, end-of-epoch"):
+        result = fit(model, guide, data.train, None, config(2), progress=False)
+    assert [(f["epoch"], f["step"]) for f in result.faults] == [(0, -1)]
+    assert torch.isfinite(guide.force_net.weight).all()
+
+
 def test_max_retries_zero_raises_at_the_first_fault(data):
     inner, guide = build()
     model = FaultyModel(inner, lambda c: c == 1)
@@ -275,6 +294,34 @@ def test_signal_during_fit_writes_a_checkpoint_then_exits(data, tmp_path, sig, r
     result = fit(model, guide, data.train, None, config(ckpt["epoch"] + 2, batch_size=1), progress=False,
                  resume=tmp_path / "last.pt")
     assert len(result.history) == ckpt["epoch"] + 2
+
+
+class SignalAt(FaultyModel):
+    """Sends this process a signal on one training call (mid-epoch), like a user's Ctrl-C."""
+
+    def forward(self, batch):
+        out = self.inner(batch)
+        if self.training:
+            self.calls += 1
+            if self.bad_call(self.calls):
+                os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+
+def test_mid_epoch_ctrl_c_resumes_exactly(data, tmp_path):
+    inner, guide = build()
+    fit(SignalAt(inner, lambda c: False), guide, data.train, None, config(4), progress=False, checkpoint_dir=tmp_path / "a")
+    inner, guide = build()
+    with pytest.raises(KeyboardInterrupt, match="fit interrupted by SIGINT at epoch 2 step 1; state at the start of epoch 2"):
+        fit(SignalAt(inner, lambda c: c == 5), guide, data.train, None, config(4), progress=False, checkpoint_dir=tmp_path / "b")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    ckpt = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert ckpt["interrupted"] and ckpt["epoch"] == 1
+    inner, guide = build(seed=9)
+    fit(SignalAt(inner, lambda c: False), guide, data.train, None, config(4), progress=False,
+        checkpoint_dir=tmp_path / "b", resume=tmp_path / "b" / "last.pt")
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    assert states_equal(a["model"], b["model"]) and states_equal(a["guide"], b["guide"])
 
 
 # ----- input validation at fit and posterior_means ---------------------------------------------------
