@@ -24,11 +24,9 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from pyro.infer import TraceMeanField_ELBO
 

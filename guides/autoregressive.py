@@ -28,7 +28,6 @@ import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
 
-from pyro_langevin.batch import Batch
 from pyro_langevin.guides.base import EncoderGuide, ForceHead, shifted_prior
 from pyro_langevin.models.langevin_flow import LangevinFlow
 from pyro_langevin.transition import TransitionOutput

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, Unio
 
 import numpy as np
 import torch
+import pyro
 from pyro import poutine
 from pyro.infer import Predictive
 
@@ -54,7 +55,6 @@ SITE_DIMS: dict[str, list[str]] = {
     "v": ["trial", "time", "latent"],
     "mask": ["trial", "time", "neuron"],
 }
-_LATENT_SITES = ("z", "rates")
 
 
 def _modules(*objs: Any) -> list[torch.nn.Module]:
@@ -103,8 +103,6 @@ def prior_predictive(
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     if seed is not None:
-        import pyro
-
         pyro.set_rng_seed(seed)
     with eval_mode(*_modules(model)), torch.no_grad():
         return _run_predictive(model, None, n_samples, sites, n_trials=n_trials, n_bins=n_bins)
