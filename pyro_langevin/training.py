@@ -600,7 +600,8 @@ def fit(
     sizes = {"model": _module_sizes(model), "guide": _module_sizes(guide)}
 
     if resume is not None:
-        ckpt = load_checkpoint(resume, map_location=device)
+        # on the CPU: RNG states must stay CPU tensors; load_state_dict copies onto the device
+        ckpt = load_checkpoint(resume, map_location="cpu")
         saved = ckpt.get("sizes") or {}
         load_state_checked(model, ckpt["model"], "model", saved.get("model"))
         load_state_checked(guide, ckpt["guide"], "guide", saved.get("guide"))
