@@ -340,14 +340,11 @@ def load_state_checked(
         sizes (e.g. ``n_neurons=12`` in the checkpoint vs ``n_neurons=10`` here).
     """
     own = module.state_dict()
-    problems = []
-    for key, value in state.items():
-        if key not in own:
-            problems.append(f"tensor {key!r} is in the checkpoint but not in this {label}")
-        elif tuple(own[key].shape) != tuple(value.shape):
-            problems.append(
-                f"tensor {key!r} has shape {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} in this {label}"
-            )
+    problems = [  # shape mismatches first: they say the most
+        f"tensor {key!r} has shape {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} in this {label}"
+        for key, value in state.items() if key in own and tuple(own[key].shape) != tuple(value.shape)
+    ]
+    problems += [f"tensor {key!r} is in the checkpoint but not in this {label}" for key in state if key not in own]
     missing = [k for k in own if k not in state]
     if missing:
         problems.append(f"this {label} has tensors missing from the checkpoint: {missing[:5]}")
