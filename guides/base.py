@@ -73,8 +73,9 @@ class StepwiseGuide(nn.Module):
         with pyro.plate("trials", batch.n_trials, dim=-1):
             z = pyro.sample("z_0", q_z0)
             v = pyro.sample(velocity_site(0), q_v0)
+            transition = model.transition_fn()
             for t in pyro.markov(range(1, batch.n_bins)):
-                prior = model.transition(z, v)
+                prior = transition(z, v)
                 q = self.step(t, z, v, prior, ctx) if t < n_obs else None
                 if q is None:
                     q = dist.Normal(prior.v_loc, prior.v_scale).to_event(1)

@@ -96,8 +96,9 @@ class GRUGuide(nn.Module):
         with pyro.plate("trials", batch.n_trials, dim=-1):
             z = pyro.sample("z_0", dist.Normal(z_loc, F.softplus(z_raw) + 1e-4).to_event(1))
             v = pyro.sample(velocity_site(0), dist.Normal(v_loc, F.softplus(v_raw) + 1e-4).to_event(1))
+            transition = model.transition_fn()
             for t in pyro.markov(range(1, batch.n_bins)):
-                step = model.transition(z, v)
+                step = transition(z, v)
                 z = step.z_next
                 loc, scale = step.v_loc, step.v_scale
                 if t < n_obs:

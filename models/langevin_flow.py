@@ -12,7 +12,7 @@ from torch import nn
 from pyro_langevin.batch import Batch
 from pyro_langevin.decoder import TransformerDecoder
 from pyro_langevin.potentials import Potential, make_potential
-from pyro_langevin.transition import LangevinParams, TransitionOutput, langevin_transition
+from pyro_langevin.transition import LangevinParams, Transition, TransitionOutput, langevin_transition, make_transition
 
 __all__ = ["LangevinFlow", "velocity_site"]
 
@@ -80,8 +80,16 @@ class LangevinFlow(nn.Module):
         )
         self.decoder = TransformerDecoder(latent_dim, n_neurons, **(decoder_kwargs or {}))
 
+    def transition_fn(self) -> Transition:
+        """The prior transition as ``step(z, v) -> (z_t, v_loc, v_scale)`` of ``p(v_t | z_{t-1}, v_{t-1})``.
+
+        Build it once per model or guide call and apply it at every bin (its constants, such as the
+        potential's stiffness matrix, are computed once). Guides build their posteriors on it.
+        """
+        return make_transition(self.potential.force_fn(), self.dynamics)
+
     def transition(self, z: torch.Tensor, v: torch.Tensor) -> TransitionOutput:
-        """The prior transition ``p(v_t | z_{t-1}, v_{t-1})`` and ``z_t``; guides build on it."""
+        """One prior step from ``(z, v)``; in loops prefer :meth:`transition_fn`."""
         return langevin_transition(z, v, self.potential.force, self.dynamics)
 
     def initial_prior(self, n_trials: int, like: torch.Tensor) -> dist.Distribution:
@@ -114,8 +122,9 @@ class LangevinFlow(nn.Module):
             z = pyro.sample("z_0", self.initial_prior(n_trials, like))
             v = pyro.sample(velocity_site(0), self.initial_prior(n_trials, like))
             zs, vs = [z], [v]
+            transition = self.transition_fn()
             for t in pyro.markov(range(1, n_bins)):
-                step = self.transition(z, v)
+                step = transition(z, v)
                 z = step.z_next
                 v = pyro.sample(velocity_site(t), dist.Normal(step.v_loc, step.v_scale).to_event(1))
                 zs.append(z)

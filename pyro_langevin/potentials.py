@@ -9,7 +9,7 @@ optional per-unit natural frequencies and a confining quartic term. Ablations: :
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 from torch import nn
@@ -50,6 +50,10 @@ class Potential(nn.Module):
     def force(self, z: torch.Tensor) -> torch.Tensor:
         """``-grad U(z)``, same shape as ``z``."""
         return self.autograd_force(z)
+
+    def force_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``force`` with whatever does not depend on ``z`` computed once (build it once per pass)."""
+        return self.force
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.force(z)
@@ -115,6 +119,7 @@ class CoupledOscillatorPotential(Potential):
         else:
             self.log_omega = None
         q = torch.tensor(float(quartic))
+        self._has_quartic = learn_quartic or quartic != 0.0
         if learn_quartic:
             self.quartic = nn.Parameter(q)
         else:
@@ -144,6 +149,26 @@ class CoupledOscillatorPotential(Potential):
         if self.log_omega is not None:
             u = u + 0.5 * (torch.exp(2 * self.log_omega) * z**2).sum(-1)
         return u + 0.25 * self.quartic * (z**4).sum(-1)
+
+    def stiffness_matrix(self) -> torch.Tensor:
+        """Symmetric ``S`` with ``grad U(z) = S z`` for the quadratic part (coupling + frequencies)."""
+        d = self.latent_dim
+        eye = torch.eye(d, device=self.kernel.device, dtype=self.kernel.dtype)
+        conv_t = self._conv(self._lattice(eye), self.effective_kernel()).reshape(d, d)  # row i = K e_i
+        s = conv_t + conv_t.T
+        if self.log_omega is not None:
+            s = s + torch.diag(torch.exp(2 * self.log_omega))
+        return s
+
+    def force_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Closed-form force as one matrix product per step: ``-S z - lambda z^3``."""
+        if not self.closed_form:
+            return self.autograd_force
+        s = self.stiffness_matrix()
+        if not self._has_quartic:
+            return lambda z: -(z @ s)
+        quartic = self.quartic
+        return lambda z: -(z @ s) - quartic * z**3
 
     def force(self, z: torch.Tensor) -> torch.Tensor:
         if not self.closed_form:

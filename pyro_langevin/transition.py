@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["LangevinParams", "TransitionOutput", "langevin_transition", "ou_coefficients"]
+__all__ = ["LangevinParams", "TransitionOutput", "Transition", "langevin_transition", "make_transition", "ou_coefficients"]
 
 
 def _inv_softplus(x: float) -> float:
@@ -129,6 +129,37 @@ class LangevinParams(nn.Module):
         return f"dt={self.dt}, mass={self.mass}, overdamped={self.overdamped}"
 
 
+Transition = Callable[[torch.Tensor, torch.Tensor], TransitionOutput]
+
+
+def make_transition(force: Callable[[torch.Tensor], torch.Tensor], params: LangevinParams) -> Transition:
+    """The prior step as a function ``step(z, v) -> TransitionOutput`` with its constants computed once.
+
+    Build it once per model or guide call and reuse it for every bin: the OU coefficients (and,
+    through ``potential.force_fn()``, the potential's linear operator) are then not recomputed
+    per step. The law is the one of :func:`langevin_transition`.
+    """
+    dt, m = params.dt, params.mass
+    a, s = params.coefficients()
+    if params.overdamped:
+        inv_gamma = 1.0 / params.gamma
+
+        def overdamped_step(z: torch.Tensor, v: torch.Tensor) -> TransitionOutput:
+            # v is the last step's drift-plus-noise displacement rate; the next one follows the force.
+            z_next = z + dt * v
+            v_loc = force(z_next) * inv_gamma
+            return TransitionOutput(z_next, v_loc, s.expand_as(v_loc))
+
+        return overdamped_step
+
+    def step(z: torch.Tensor, v: torch.Tensor) -> TransitionOutput:
+        v_prime = v + (dt / m) * force(z)
+        z_next = z + dt * v_prime
+        return TransitionOutput(z_next, a * v_prime, s.expand_as(v_prime))
+
+    return step
+
+
 def langevin_transition(
     z: torch.Tensor,
     v: torch.Tensor,
@@ -150,13 +181,4 @@ def langevin_transition(
     TransitionOutput
         ``z_next`` and the Normal law ``(v_loc, v_scale)`` of the next velocity.
     """
-    dt, m = params.dt, params.mass
-    a, s = params.coefficients()
-    if params.overdamped:
-        # v is the last step's drift-plus-noise displacement rate; the next one follows the force.
-        z_next = z + dt * v
-        v_loc = force(z_next) / params.gamma
-        return TransitionOutput(z_next, v_loc, s.expand_as(v_loc))
-    v_prime = v + (dt / m) * force(z)
-    z_next = z + dt * v_prime
-    return TransitionOutput(z_next, a * v_prime, s.expand_as(v_prime))
+    return make_transition(force, params)(z, v)
