@@ -1,0 +1,150 @@
+"""Time one SVI step of LangevinFlow (Pyro) against a plain-PyTorch step of the same network and loss.
+
+    python benchmarks/svi_step.py                 # CPU (or CUDA when available)
+    python benchmarks/svi_step.py --device cuda --repeats 20
+
+MC_Maze-like size: batch 64, 140 observed + 40 forward bins, 137 held-in + 45 held-out neurons,
+latent 64. One step = ELBO forward + backward + Adam update. The plain-PyTorch version uses the
+very same modules and computes the same loss by hand (reparameterised samples, analytic per-step
+Normal KL, masked Poisson log-likelihood), so the ratio is the cost of writing it in Pyro.
+Prints a table: step times, their ratio (target <= 1.3), peak memory, and the step time at
+batch 256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import torch
+from pyro.infer import TraceMeanField_ELBO
+from torch.distributions import Normal, Poisson, kl_divergence
+from torch.nn import functional as F
+
+from pyro_langevin import make_batch
+from pyro_langevin.guides import GRUGuide
+from pyro_langevin.models import LangevinFlow
+
+
+def make_data(n_trials: int, t_obs=140, t_fwd=40, n_in=137, n_out=45, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rates = torch.rand(n_trials, t_obs + t_fwd, n_in + n_out, generator=g) * 0.3
+    c = torch.poisson(rates, generator=g)
+    return make_batch(c[:, :t_obs, :n_in], c[:, :t_obs, n_in:], c[:, t_obs:, :n_in], c[:, t_obs:, n_in:])
+
+
+def plain_loss(model: LangevinFlow, guide: GRUGuide, batch) -> torch.Tensor:
+    """The negative ELBO of model + guide written without Pyro (what TraceMeanField_ELBO computes)."""
+    d = model.latent_dim
+    h, h_ic = guide.encode(batch)
+    z_loc, v_loc, z_raw, v_raw = guide.ic_net(h_ic).split(d, dim=-1)
+    force, log_scale = guide.force_net(h).split(d, dim=-1)
+    q_z0 = Normal(z_loc, F.softplus(z_raw) + 1e-4)
+    q_v0 = Normal(v_loc, F.softplus(v_raw) + 1e-4)
+    prior0 = Normal(torch.zeros_like(z_loc), 1.0)
+    kl = kl_divergence(q_z0, prior0).sum() + kl_divergence(q_v0, prior0).sum()
+    z, v = q_z0.rsample(), q_v0.rsample()
+    zs, vs = [z], [v]
+    transition = model.transition_fn()
+    for t in range(1, batch.n_bins):
+        step = transition(z, v)
+        z = step.z_next
+        loc, scale = step.v_loc, step.v_scale
+        if t < batch.n_observed_bins:
+            q = Normal(loc + force[:, t], scale * torch.exp(log_scale[:, t]))
+            kl = kl + kl_divergence(q, Normal(loc, scale)).sum()
+        else:
+            q = Normal(loc, scale)
+            kl = kl + kl_divergence(q, Normal(loc, scale)).sum()  # zero, kept for the same work
+        v = q.rsample()
+        zs.append(z)
+        vs.append(v)
+    rates = torch.exp(model.decoder(torch.stack(zs, 1), torch.stack(vs, 1)))
+    ll = (Poisson(rates).log_prob(batch.target) * batch.mask).sum()
+    return kl - ll
+
+
+def time_steps(loss_fn, params, repeats: int, device) -> list[float]:
+    opt = torch.optim.Adam(params, lr=1e-3)
+    times = []
+    for i in range(repeats + 1):  # first step warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 200.0)
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def build(device, n_neurons=182, n_heldin=137, latent=64, hidden=64):
+    torch.manual_seed(0)
+    model = LangevinFlow(n_neurons, latent_dim=latent, dt=0.05).to(device)
+    guide = GRUGuide(model, n_heldin, hidden=hidden).to(device)
+    params = list(model.parameters()) + list(guide.parameters())
+    return model, guide, params
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--skip-256", action="store_true", help="skip the batch-256 timing")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    batch = make_data(64).to(device)
+    model, guide, params = build(device)
+    elbo = TraceMeanField_ELBO()
+
+    # interleave the two so machine load affects both alike
+    pyro_t, plain_t = [], []
+    for _ in range(2):
+        pyro_t += time_steps(lambda: elbo.differentiable_loss(model, guide, batch), params, args.repeats, device)
+        plain_t += time_steps(lambda: plain_loss(model, guide, batch), params, args.repeats, device)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = elbo.differentiable_loss(model.eval(), guide.eval(), batch)
+        torch.manual_seed(1)
+        b = plain_loss(model, guide, batch)
+    model.train(), guide.train()
+    rows = [
+        ("device", str(device)),
+        ("threads", str(torch.get_num_threads())),
+        ("pyro step, batch 64 (s)", f"{statistics.median(pyro_t):.4f}"),
+        ("plain step, batch 64 (s)", f"{statistics.median(plain_t):.4f}"),
+        ("ratio pyro / plain", f"{statistics.median(pyro_t) / statistics.median(plain_t):.3f}"),
+        ("same loss (same seed)", f"{float(a):.2f} vs {float(b):.2f}"),
+        ("peak memory after batch 64 (MiB)", f"{peak_memory_mb(device):.0f}"),
+    ]
+    if not args.skip_256:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        big = make_data(256).to(device)
+        t256 = time_steps(lambda: elbo.differentiable_loss(model, guide, big), params, max(2, args.repeats // 2), device)
+        rows += [
+            ("pyro step, batch 256 (s)", f"{statistics.median(t256):.4f}"),
+            ("peak memory after batch 256 (MiB)", f"{peak_memory_mb(device):.0f}"),
+        ]
+    width = max(len(k) for k, _ in rows)
+    print(f"{'measure':<{width}} | value")
+    print("-" * width + "-|------")
+    for k, v in rows:
+        print(f"{k:<{width}} | {v}")
+
+
+if __name__ == "__main__":
+    main()
