@@ -1,0 +1,193 @@
+"""Checkpoints of a fit: atomic writes, loading with shape checks that explain size mismatches.
+
+A checkpoint written by :func:`pyro_langevin.training.fit` is a ``torch.save`` dict with the model,
+guide, optimizer and scheduler states, RNG states, epoch, config, history, best state, the
+constructor sizes of model and guide (``sizes``) and an optional user ``meta`` dict.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CHECKPOINT_FORMAT", "CheckpointMismatchError", "save_checkpoint", "load_checkpoint",
+    "load_state_checked", "restore_checkpoint",
+]
+
+#: Version of the checkpoint layout written by :func:`~pyro_langevin.training.fit`.
+CHECKPOINT_FORMAT = 2
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors do not fit the model or guide it is loaded into."""
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(path: Union[str, Path], payload: dict[str, Any]) -> Path:
+    """Write ``payload`` with ``torch.save`` atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`fit` (a dict with model, guide, optimizer, config, ...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"checkpoint {path} is unreadable or truncated: {exc}") from exc
+
+
+def _clone(obj: Any) -> Any:
+    """Deep copy of nested dicts/lists/tuples whose tensors are cloned (detached, same device)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return type(obj)((k, _clone(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _snapshot(model: torch.nn.Module, guide: torch.nn.Module) -> dict[str, Any]:
+    return {"model": _clone(model.state_dict()), "guide": _clone(guide.state_dict())}
+
+
+#: Integer attributes recorded from the model and guide so that size mismatches can be explained.
+_SIZE_ATTRS = ("n_neurons", "n_heldin", "n_heldout", "latent_dim", "hidden", "hidden_size", "n_trials")
+
+
+def _module_sizes(module: Any) -> dict[str, int]:
+    """The constructor sizes a module exposes (``n_neurons``, ``latent_dim``, ``n_heldin`` ...)."""
+    sizes = {}
+    for name in _SIZE_ATTRS:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            sizes[name] = value
+    gru = getattr(module, "gru", None)
+    if "hidden" not in sizes and isinstance(gru, torch.nn.RNNBase):
+        sizes["hidden"] = gru.hidden_size
+    return sizes
+
+
+def _fmt_sizes(sizes: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sizes.items()) or "(sizes not recorded)"
+
+
+def load_state_checked(
+    module: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    label: str = "model",
+    saved_sizes: Optional[dict[str, int]] = None,
+) -> None:
+    """``module.load_state_dict(state)`` after checking every tensor's name and shape.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+    state : dict
+        A state dict, e.g. ``checkpoint["model"]``.
+    label : str
+        What ``module`` is, for messages (``"model"`` or ``"guide"``).
+    saved_sizes : dict, optional
+        The sizes recorded when the checkpoint was written (``checkpoint["sizes"][label]``).
+
+    Raises
+    ------
+    CheckpointMismatchError
+        Naming the first mismatching tensor with both shapes and, when known, the constructor
+        sizes (e.g. ``n_neurons=12`` in the checkpoint vs ``n_neurons=10`` here).
+    """
+    own = module.state_dict()
+    problems = [  # shape mismatches first: they say the most
+        f"tensor {key!r} has shape {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} in this {label}"
+        for key, value in state.items() if key in own and tuple(own[key].shape) != tuple(value.shape)
+    ]
+    problems += [f"tensor {key!r} is in the checkpoint but not in this {label}" for key in state if key not in own]
+    missing = [k for k in own if k not in state]
+    if missing:
+        problems.append(f"this {label} has tensors missing from the checkpoint: {missing[:5]}")
+    if problems:
+        here = _module_sizes(module)
+        msg = f"checkpoint does not fit the {label}: {problems[0]}"
+        if len(problems) > 1:
+            msg += f" (and {len(problems) - 1} more mismatches)"
+        if saved_sizes is not None:
+            diff = {k: (saved_sizes[k], here[k]) for k in saved_sizes if k in here and saved_sizes[k] != here[k]}
+            if diff:
+                msg += ". Sizes differ: " + ", ".join(f"{k}={a} in the checkpoint vs {k}={b} here" for k, (a, b) in diff.items())
+            else:
+                msg += f". Checkpoint {label}: {_fmt_sizes(saved_sizes)}; this {label}: {_fmt_sizes(here)}"
+        msg += f". Build the {label} with the checkpoint's settings (checkpoint['meta'], checkpoint['sizes'])."
+        raise CheckpointMismatchError(msg)
+    module.load_state_dict(state)
+
+
+def restore_checkpoint(
+    checkpoint: Union[str, Path, dict[str, Any]],
+    model: torch.nn.Module,
+    guide: Optional[torch.nn.Module] = None,
+    map_location: Union[str, torch.device] = "cpu",
+    best: bool = False,
+) -> dict[str, Any]:
+    """Load a :func:`fit` checkpoint's parameters into ``model`` (and ``guide``), checking shapes.
+
+    Parameters
+    ----------
+    checkpoint : path or dict
+        A file written by :func:`fit` or its loaded contents.
+    model, guide : torch.nn.Module
+    map_location : str or torch.device
+    best : bool
+        Load the best validated state stored in the checkpoint instead of the last one.
+
+    Returns
+    -------
+    dict
+        The checkpoint (``epoch``, ``config``, ``meta``, ``history`` ...).
+    """
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location)
+    states = ckpt["best_state"] if best and ckpt.get("best_state") is not None else ckpt
+    sizes = ckpt.get("sizes") or {}
+    load_state_checked(model, states["model"], "model", sizes.get("model"))
+    if guide is not None:
+        load_state_checked(guide, states["guide"], "guide", sizes.get("guide"))
+    return ckpt
