@@ -241,14 +241,18 @@ def test_max_retries_zero_raises_at_the_first_fault(data):
         fit(model, guide, data.train, None, config(2, max_retries=0), progress=False)
 
 
-def test_nan_parameters_surface_as_a_fault_not_as_nan_rates(data):
-    """NaN weights make Pyro's distribution checks raise ValueError: caught as a fault, and
-    posterior_means refuses to return NaN rates."""
+@pytest.mark.parametrize("validate_args, message", [
+    (False, r"non-finite value in the loss \(nan\) at epoch 0, step 0"),
+    (True, r"a distribution parameter \(Expected parameter loc"),  # Pyro's checks raise ValueError
+])
+def test_nan_parameters_surface_as_a_fault_not_as_nan_rates(data, validate_args, message):
+    """NaN weights are caught as a fault (as a NaN loss, or as Pyro's argument-validation error),
+    and posterior_means refuses to return NaN rates."""
     model, guide = build()
     with torch.no_grad():
         guide.ic_net.weight.fill_(float("nan"))
-    with pytest.raises(TrainingDivergedError, match=r"a distribution parameter \(Expected parameter loc"):
-        fit(model, guide, data.train, None, config(1, max_retries=1), progress=False)
+    with pytest.raises(TrainingDivergedError, match=message):
+        fit(model, guide, data.train, None, config(1, max_retries=1, validate_args=validate_args), progress=False)
     with pytest.raises(FloatingPointError, match="posterior draw 0 of site 'rates' has NaN"):
         with pyro.validation_enabled(False):
             posterior_means(model, guide, data.valid, n_samples=2)
