@@ -1,0 +1,35 @@
+"""Train LangevinFlow on a Neural Latents Benchmark dataset, score it and write an NLB submission.
+
+    python examples/nlb.py --dataset mc_maze_small --data-dir /work/shared/data --bin-ms 5 --phase val
+    python examples/nlb.py --dataset mc_maze_small --data-dir DIR --quick --out runs/smoke
+    python examples/nlb.py --dataset mc_maze --data-dir ~/dandi --bin-ms 20 --phase test --device cuda
+
+``--data-dir`` holds the DANDI layout (``dandi download DANDI:000140`` gives
+``000140/sub-Jenkins/*.nwb``) and/or preprocessed ``{dataset}-{bin:02d}ms-{phase}/`` folders
+(train_input.h5, eval_input.h5[, eval_target.h5]).
+
+What happens (see :mod:`pyro_langevin.nlb_pipeline`): a validation split is carved from the
+training trials; the model trains on the other training trials, plus the held-in spikes only of
+the validation and evaluation trials; the state with the best validation co-bps is kept
+(``{out}/checkpoints/best.pt``); rates are the mean over 50 posterior draws, in counts per bin.
+Scores for the model and the smoothing baseline, computed in the same run: on the validation
+split (``local``) and, when the eval target is known, on the evaluation trials (``eval``).
+
+Writes ``{out}/metrics.json``, ``{out}/submission.h5`` (model) and
+``{out}/submission_smoothing.h5`` (baseline). Prints a table and, last, the metrics JSON.
+Errors in the input give a one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pyro_langevin.cli import nlb_main
+
+
+def main(argv=None) -> int:
+    return nlb_main(argv, prog="examples/nlb.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
