@@ -260,7 +260,9 @@ def test_nan_parameters_surface_as_a_fault_not_as_nan_rates(data, validate_args,
 
 # ----- signals --------------------------------------------------------------------------------------
 CHILD = textwrap.dedent("""
-    import sys, torch
+    import signal, sys, torch
+    # a shell's background job starts with SIGINT ignored; a user's terminal delivers it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
     from test_reliability import build, config
@@ -312,6 +314,8 @@ class SignalAt(FaultyModel):
 
 
 def test_mid_epoch_ctrl_c_resumes_exactly(data, tmp_path):
+    # as in a terminal (a background job, e.g. under CI, may start with SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     inner, guide = build()
     fit(SignalAt(inner, lambda c: False), guide, data.train, None, config(4), progress=False, checkpoint_dir=tmp_path / "a")
     inner, guide = build()
