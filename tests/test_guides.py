@@ -43,15 +43,6 @@ PRIORS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny recurrent models run fastest single-threaded (and do not oversubscribe a shared CPU)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def forward_batch():
     """6 trials, 10 observed + 3 forward bins, 6 held-in + 2 held-out neurons, ids 10..15."""

@@ -35,14 +35,6 @@ with warnings.catch_warnings():
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def small():
     """Model, guide and a batch with held-out neurons and 3 unobserved forward bins."""

@@ -33,15 +33,6 @@ from pyro_langevin.training import (
 DECODER = dict(d_model=8, n_heads=2, dim_feedforward=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two cores shared with other jobs: one intra-op thread is much faster for tiny models."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data():
     return make_lorenz(n_conditions=2, trials_per_condition=5, n_bins=12, n_neurons=6, n_heldout=2, valid_fraction=0.2)
