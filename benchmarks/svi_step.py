@@ -22,7 +22,6 @@ import time
 import torch
 import pyro
 from torch.distributions import Normal, Poisson, kl_divergence
-from torch.nn import functional as F
 
 from pyro_langevin import make_batch
 from pyro_langevin.elbo import make_elbo
@@ -39,13 +38,10 @@ def make_data(n_trials: int, t_obs=140, t_fwd=40, n_in=137, n_out=45, seed=0):
 
 def plain_loss(model: LangevinFlow, guide: GRUGuide, batch) -> torch.Tensor:
     """The negative ELBO of model + guide written without Pyro (what TraceMeanField_ELBO computes)."""
-    d = model.latent_dim
     h, h_ic = guide.encode(batch)
-    z_loc, v_loc, z_raw, v_raw = guide.ic_net(h_ic).split(d, dim=-1)
-    force, log_scale = guide.force_net(h).split(d, dim=-1)
-    q_z0 = Normal(z_loc, F.softplus(z_raw) + 1e-4)
-    q_v0 = Normal(v_loc, F.softplus(v_raw) + 1e-4)
-    prior0 = Normal(torch.zeros_like(z_loc), 1.0)
+    q_z0, q_v0 = (q.base_dist for q in guide.initial_head(h_ic))  # the same Normal heads as the guide
+    force, log_scale = guide.force_head(h)
+    prior0 = Normal(torch.zeros_like(q_z0.loc), 1.0)
     kl = kl_divergence(q_z0, prior0).sum() + kl_divergence(q_v0, prior0).sum()
     z, v = q_z0.rsample(), q_v0.rsample()
     zs, vs = [z], [v]

@@ -89,12 +89,17 @@ class GRUEncoder(nn.Module):
     Returns per-bin features ``h`` (trial, T, F) and a trial summary ``h_ic`` (trial, F) for the
     initial state: the last state of each direction (the backward direction's last state has read
     the whole trial from the end to bin 0). ``F = hidden * (2 if bidirectional else 1)``.
-    In the bidirectional case ``h_t`` has read the whole trial (a smoothing posterior).
+    In the bidirectional case ``h_t`` has read the whole trial (a smoothing posterior). With
+    ``reverse=True`` a one-directional GRU reads the trial from its last bin to bin 0 (``h`` is
+    returned in time order; ``h_ic`` has read the whole trial).
     """
 
-    def __init__(self, n_heldin: int, hidden: int = 64, bidirectional: bool = True, dropout: float = 0.05) -> None:
+    def __init__(
+        self, n_heldin: int, hidden: int = 64, bidirectional: bool = True, dropout: float = 0.05, reverse: bool = False
+    ) -> None:
         super().__init__()
         self.n_heldin = n_heldin
+        self.reverse = reverse
         self.gru = nn.GRU(n_heldin, hidden, batch_first=True, bidirectional=bidirectional)
         self.dropout = nn.Dropout(dropout)
         self.out_features = hidden * (2 if bidirectional else 1)
@@ -103,7 +108,11 @@ class GRUEncoder(nn.Module):
         if batch.n_heldin != self.n_heldin:
             raise ValueError(f"guide reads {self.n_heldin} held-in neurons, batch has {batch.n_heldin}")
         x = self.dropout(torch.log1p(batch.input))
+        if self.reverse:
+            x = x.flip(1)
         h, h_last = self.gru(x)  # h_last: (directions, trial, hidden)
+        if self.reverse:
+            h = h.flip(1)
         h_ic = torch.cat(list(h_last), dim=-1)
         return self.dropout(h), self.dropout(h_ic)
 
@@ -183,7 +192,7 @@ class EncoderGuide(StepwiseGuide):
         self, model: LangevinFlow, n_heldin: int, hidden: int = 64, bidirectional: bool = True, dropout: float = 0.05
     ) -> None:
         super().__init__(model)
-        self.n_heldin = n_heldin
+        self.n_heldin, self.hidden = n_heldin, hidden
         self.encoder = GRUEncoder(n_heldin, hidden, bidirectional=bidirectional, dropout=dropout)
         self.initial_head = InitialStateHead(self.encoder.out_features, model.latent_dim)
 

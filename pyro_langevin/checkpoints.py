@@ -102,9 +102,6 @@ def _module_sizes(module: Any) -> dict[str, int]:
         value = getattr(module, name, None)
         if isinstance(value, int) and not isinstance(value, bool):
             sizes[name] = value
-    gru = getattr(module, "gru", None)
-    if "hidden" not in sizes and isinstance(gru, torch.nn.RNNBase):
-        sizes["hidden"] = gru.hidden_size
     return sizes
 
 

@@ -125,22 +125,6 @@ def test_guide_starts_equal_to_prior_transition():
         assert torch.allclose(q.mean, p.mean) and torch.allclose(q.stddev, p.stddev)
 
 
-def test_guide_has_no_encoder_lag():
-    """Changing bin t of the input changes q(v_t) but no earlier step: each bin is read at its step."""
-    b = tiny_batch()
-    model = LangevinFlow(b.n_neurons, latent_dim=4)
-    guide = GRUGuide(model, b.n_heldin, hidden=8, initial_state="first").eval()
-    torch.nn.init.normal_(guide.force_net.weight)
-    t_change = 4
-    x2 = b.input.clone()
-    x2[:, t_change] += 3
-    b2 = b.with_inputs(x2, b.mask)
-    h1, _ = guide.encode(b)
-    h2, _ = guide.encode(b2)
-    assert torch.allclose(h1[:, :t_change], h2[:, :t_change])
-    assert not torch.allclose(h1[:, t_change], h2[:, t_change])
-
-
 def test_masked_entries_do_not_change_the_likelihood():
     """Whatever sits in target where mask is False (unknown held-out or forward counts) is ignored."""
     b = tiny_batch()

@@ -118,7 +118,7 @@ def test_guide_has_no_encoder_lag():
     model = LangevinFlow(batch.n_neurons, latent_dim=4, dt=0.05)
     guide = GRUGuide(model, batch.n_heldin, hidden=8, initial_state="first", dropout=0.0)
     with torch.no_grad():  # make the learned force depend on h_t
-        guide.force_net.weight.normal_()
+        guide.force_head.net.weight.normal_()
     t0 = 6
     later = batch.input.clone()
     later[:, t0 + 1:] += 3.0  # change only bins after t0

@@ -171,8 +171,8 @@ def test_nan_gradient_is_recovered_from_and_named(data):
         calls["n"] += 1
         return grad * float("inf") if calls["n"] == 2 else grad
 
-    guide.force_net.bias.register_hook(poison)
-    with pytest.warns(RuntimeWarning, match="the gradient .*first non-finite in guide.force_net.bias.*epoch 0, step 1"):
+    guide.force_head.net.bias.register_hook(poison)
+    with pytest.warns(RuntimeWarning, match="the gradient .*first non-finite in guide.force_head.net.bias.*epoch 0, step 1"):
         result = fit(model, guide, data.train, None, config(2), progress=False)
     assert len(result.faults) == 1 and "gradient" in result.faults[0]["what"]
     assert all(torch.isfinite(p).all() for p in [*model.parameters(), *guide.parameters()])
@@ -215,14 +215,14 @@ def test_nan_parameter_after_the_last_step_of_an_epoch_is_caught(data, monkeypat
         calls["n"] += 1
         if calls["n"] == 2:  # the last step of epoch 0 (2 steps per epoch) leaves a NaN weight
             with torch.no_grad():
-                guide.force_net.weight[0, 0] = float("nan")
+                guide.force_head.net.weight[0, 0] = float("nan")
         return out
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
-    with pytest.warns(RuntimeWarning, match="parameter guide.force_net.weight after the optimizer step at epoch 0, end-of-epoch"):
+    with pytest.warns(RuntimeWarning, match="parameter guide.force_head.net.weight after the optimizer step at epoch 0, end-of-epoch"):
         result = fit(model, guide, data.train, None, config(2), progress=False)
     assert [(f["epoch"], f["step"]) for f in result.faults] == [(0, -1)]
-    assert torch.isfinite(guide.force_net.weight).all()
+    assert torch.isfinite(guide.force_head.net.weight).all()
 
 
 def test_max_retries_zero_raises_at_the_first_fault(data):
@@ -241,7 +241,7 @@ def test_nan_parameters_surface_as_a_fault_not_as_nan_rates(data, validate_args,
     and posterior_means refuses to return NaN rates."""
     model, guide = build()
     with torch.no_grad():
-        guide.ic_net.weight.fill_(float("nan"))
+        guide.initial_head.net.weight.fill_(float("nan"))
     with pytest.raises(TrainingDivergedError, match=message):
         fit(model, guide, data.train, None, config(1, max_retries=1, validate_args=validate_args), progress=False)
     with pytest.raises(FloatingPointError, match="posterior draw 0 of site 'rates' has NaN"):
