@@ -8,14 +8,14 @@ constructor sizes of model and guide (``sizes``) and an optional user ``meta`` d
 from __future__ import annotations
 
 import copy
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+
+from pyro_langevin.atomic import atomic_path
 
 __all__ = [
     "CHECKPOINT_FORMAT", "CheckpointMismatchError", "save_checkpoint", "load_checkpoint",
@@ -50,18 +50,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: Union[str, Path], payload: dict[str, Any]) -> Path:
     """Write ``payload`` with ``torch.save`` atomically (temp file in the same folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

@@ -98,8 +98,9 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     path = save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
     real_save = torch.save
 
-    def dies_half_way(obj, fh, *a, **k):
-        fh.write(b"partial garbage")
+    def dies_half_way(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial garbage")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", dies_half_way)

@@ -8,13 +8,13 @@ Every failure raises :class:`~pyro_langevin.data.errors.NLBDataError` naming the
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import h5py
 import numpy as np
 
+from pyro_langevin.atomic import atomic_path
 from pyro_langevin.data.errors import NLBDataError
 
 __all__ = ["read_h5", "write_h5", "check_spike_array", "as_ragged"]
@@ -155,15 +155,7 @@ def write_h5(path: PathLike, data: Mapping[str, Any]) -> Path:
     pathlib.Path
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".h5.tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             _write_group(f, data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
