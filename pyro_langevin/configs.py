@@ -101,6 +101,7 @@ class NLBConfig:
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 2e-5
+    optimizer: str = "adam"
     kl_start: float = 0.0
     kl_final: float = 1.0
     cd_keep: float = 0.5
@@ -119,6 +120,7 @@ class NLBConfig:
         ramp = max(1, self.epochs // 4)
         return dict(
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+            optimizer=self.optimizer,
             weight_decay_ramp_epochs=ramp, kl_start=self.kl_start, kl_final=self.kl_final,
             kl_ramp_epochs=ramp, cd_keep=self.cd_keep, grad_clip=self.grad_clip,
             val_every=self.val_every, select_on="co_bps", select_mode="max", patience=self.patience,
