@@ -74,8 +74,9 @@ class NLBConfig:
     """Everything a train-and-score run of LangevinFlow on one NLB dataset needs.
 
     Model: ``latent_dim``, ``dt``, ``gamma``, ``learn_gamma``, ``potential`` (+ ``potential_kwargs``),
-    Transformer decoder ``d_model``/``n_heads``/``dim_feedforward``/``dropout``. Guide: GRU
-    ``hidden``, ``guide_dropout``, ``initial_state``. Training: the :class:`FitConfig` fields
+    Transformer decoder ``d_model``/``n_heads``/``dim_feedforward``/``dropout``. Guide: ``guide``
+    (``"gru"``: filtering, reads bins up to t; ``"bigru"``: smoothing, reads the whole trial), GRU
+    ``hidden`` (per direction), ``guide_dropout``, ``initial_state`` (``"gru"`` only). Training: the :class:`FitConfig` fields
     below. Evaluation: ``valid_frac`` (validation split of the training trials, for model
     selection), ``val_samples`` (posterior draws for the validation metric), ``n_samples``
     (posterior draws averaged for the exported rates; reference 50).
@@ -93,6 +94,7 @@ class NLBConfig:
     dim_feedforward: int = 128
     dropout: float = 0.05
     # guide
+    guide: str = "gru"
     hidden: int = 64
     guide_dropout: float = 0.05
     initial_state: str = "backward"
@@ -126,6 +128,10 @@ class NLBConfig:
             val_every=self.val_every, select_on="co_bps", select_mode="max", patience=self.patience,
             lr_plateau_patience=self.lr_plateau_patience, lr_min=self.lr_min, seed=seed,
         )
+
+    def __post_init__(self) -> None:
+        if self.guide not in ("gru", "bigru"):
+            raise NLBDataError(f"unknown guide {self.guide!r} in the configuration; choose 'gru' or 'bigru'")
 
     def replace(self, **changes: Any) -> "NLBConfig":
         unknown = [k for k in changes if k not in {f.name for f in dataclasses.fields(self)}]

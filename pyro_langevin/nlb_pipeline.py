@@ -39,6 +39,8 @@ from pyro_langevin.configs import NLBConfig, default_config
 from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.data.nlb import NLBData, check_args, load_nlb
 from pyro_langevin.data.splits import build_training_batch, split_train_valid
+from pyro_langevin.guides.base import StepwiseGuide
+from pyro_langevin.guides.bigru import BiGRUGuide
 from pyro_langevin.guides.gru import GRUGuide
 from pyro_langevin.models.langevin_flow import LangevinFlow
 from pyro_langevin.nlb_eval import (
@@ -83,8 +85,9 @@ def prepare_batches(data: NLBData, valid_frac: float = 0.2, seed: int = 0) -> Pr
     return Prepared(train, fit_trials, valid)
 
 
-def build_model(config: NLBConfig, n_neurons: int, n_heldin: int) -> Tuple[LangevinFlow, GRUGuide]:
-    """LangevinFlow over all ``n_neurons`` and a GRU guide reading the ``n_heldin`` held-in neurons."""
+def build_model(config: NLBConfig, n_neurons: int, n_heldin: int) -> Tuple[LangevinFlow, StepwiseGuide]:
+    """LangevinFlow over all ``n_neurons`` and a GRU guide (``config.guide``: ``"gru"``, filtering,
+    or ``"bigru"``, smoothing) reading the ``n_heldin`` held-in neurons."""
     model = LangevinFlow(
         n_neurons, latent_dim=config.latent_dim, dt=config.dt, gamma=config.gamma,
         learn_gamma=config.learn_gamma, potential=config.potential,
@@ -92,8 +95,11 @@ def build_model(config: NLBConfig, n_neurons: int, n_heldin: int) -> Tuple[Lange
         decoder_kwargs=dict(d_model=config.d_model, n_heads=config.n_heads,
                             dim_feedforward=config.dim_feedforward, dropout=config.dropout),
     )
-    guide = GRUGuide(model, n_heldin, hidden=config.hidden, initial_state=config.initial_state,
-                     dropout=config.guide_dropout)
+    if config.guide == "bigru":
+        guide = BiGRUGuide(model, n_heldin, hidden=config.hidden, dropout=config.guide_dropout)
+    else:
+        guide = GRUGuide(model, n_heldin, hidden=config.hidden, initial_state=config.initial_state,
+                         dropout=config.guide_dropout)
     return model, guide
 
 

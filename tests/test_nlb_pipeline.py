@@ -89,6 +89,15 @@ def test_test_phase_writes_submission(root, tmp_path, capsys):
     assert rates["train_rates_heldin"].shape == (32, 35, 10)  # train + val trials train in 'test'
 
 
+def test_bidirectional_guide_option(root, tmp_path, capsys):
+    out = tmp_path / "bigru"
+    code, stdout, _ = run_cli(capsys, "--dataset", "mc_maze", "--data-dir", root, "--bin-ms", 20,
+                              "--phase", "test", "--quick", "--out", out, "--set", "guide=bigru")
+    assert code == 0
+    m = json.loads(stdout.strip().splitlines()[-1])
+    assert m["config"]["guide"] == "bigru" and np.isfinite(m["local"]["model"]["co-bps"])
+
+
 def test_console_script_quick_run(root, tmp_path):
     """`pyro-langevin nlb` end to end in a subprocess (the installed console script when present)."""
     exe = Path(sys.executable).parent / "pyro-langevin"
@@ -266,6 +275,7 @@ def test_bad_inputs_give_one_line_errors(root, tmp_path, capsys):
     _assert_one_line_error(*run_cli(capsys, "--dataset", "mc_maze", *base, "--bin-ms", "five"), "invalid int value")
     _assert_one_line_error(*run_cli(capsys, "--dataset", "mc_maze", *base, "--phase", "dev"), "phase must be")
     _assert_one_line_error(*run_cli(capsys, "--dataset", "mc_maze", *base, "--set", "nope=1"), "unknown NLBConfig")
+    _assert_one_line_error(*run_cli(capsys, "--dataset", "mc_maze", *base, "--set", "guide=lstm"), "unknown guide 'lstm'")
     _assert_one_line_error(*run_cli(capsys, "--data-dir", root), "required: --dataset")
 
 
