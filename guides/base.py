@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyro_langevin.batch import Batch
+from pyro_langevin.inputs import encoder_features
 from pyro_langevin.models.langevin_flow import LangevinFlow, velocity_site
 from pyro_langevin.transition import TransitionOutput
 
@@ -107,7 +108,7 @@ class GRUEncoder(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if batch.n_heldin != self.n_heldin:
             raise ValueError(f"guide reads {self.n_heldin} held-in neurons, batch has {batch.n_heldin}")
-        x = self.dropout(torch.log1p(batch.input))
+        x = self.dropout(encoder_features(batch.input))
         if self.reverse:
             x = x.flip(1)
         h, h_last = self.gru(x)  # h_last: (directions, trial, hidden)

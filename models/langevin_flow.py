@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Optional
 
 import pyro
@@ -14,7 +16,14 @@ from pyro_langevin.decoder import TransformerDecoder
 from pyro_langevin.potentials import Potential, make_potential
 from pyro_langevin.transition import LangevinParams, Transition, TransitionOutput, langevin_transition, make_transition
 
-__all__ = ["LangevinFlow", "velocity_site"]
+__all__ = ["LangevinFlow", "velocity_site", "STABLE_OMEGA_DT"]
+
+#: Default ceiling of ``omega * dt`` for the oscillator potential. One step of the splitting maps a
+#: mode of frequency omega by a matrix with trace ``1 - h^2 + a`` and determinant ``a``
+#: (``h = omega dt``, ``a = exp(-gamma dt / m)`` the velocity decay), stable while
+#: ``h^2 < 2 (1 + a)``: ``h < sqrt(2)`` whatever the damping. 1.35 keeps a margin; it is 27 rad per
+#: time unit (43 Hz) at 5 ms bins and 6.75 (10.7 Hz) at 20 ms bins.
+STABLE_OMEGA_DT = 1.35
 
 
 def velocity_site(t: int) -> str:
@@ -63,12 +72,16 @@ class LangevinFlow(nn.Module):
         decoder_kwargs: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
-        if n_neurons < 1:
-            raise ValueError(f"n_neurons must be >= 1, got {n_neurons}")
+        for name, value in (("n_neurons", n_neurons), ("latent_dim", latent_dim)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.n_neurons = n_neurons
         self.latent_dim = latent_dim
         if isinstance(potential, str):
-            potential = make_potential(potential, latent_dim, **(potential_kwargs or {}))
+            kwargs = dict(potential_kwargs or {})
+            if potential == "oscillators":
+                kwargs.setdefault("max_omega", STABLE_OMEGA_DT / dt if math.isfinite(dt) and dt > 0 else 1.0)
+            potential = make_potential(potential, latent_dim, **kwargs)
         elif potential_kwargs:
             raise ValueError("potential_kwargs only apply to a potential given by name")
         if potential.latent_dim != latent_dim:
@@ -78,6 +91,13 @@ class LangevinFlow(nn.Module):
             dt=dt, gamma=gamma, sigma=sigma, mass=mass,
             learn_gamma=learn_gamma, learn_sigma=learn_sigma, overdamped=overdamped,
         )
+        max_omega = getattr(potential, "max_omega", None)
+        if max_omega is not None and not overdamped and max_omega * dt > math.sqrt(2.0):
+            raise ValueError(
+                f"the prior step is unstable for frequencies omega with omega * dt > sqrt(2) (whatever the "
+                f"damping): the potential allows omega up to {max_omega:.3g} and dt={dt}; lower "
+                f"potential_kwargs['max_omega'] to at most {math.sqrt(2.0) / dt:.3g} (or use a smaller dt)"
+            )
         self.decoder = TransformerDecoder(latent_dim, n_neurons, **(decoder_kwargs or {}))
 
     def transition_fn(self) -> Transition:
@@ -135,6 +155,9 @@ class LangevinFlow(nn.Module):
             obs_dist = dist.Poisson(rates)
             if batch is None:
                 return pyro.sample("spikes", obs_dist.to_event(2))
-            return pyro.sample("spikes", obs_dist.mask(batch.mask).to_event(2), obs=batch.target)
+            # Entries outside the mask may hold anything (NaN for missing data): a NaN there would
+            # still poison the gradient through the masked log-prob (0 * NaN), so fill them first.
+            observed = torch.where(batch.mask, batch.target, torch.zeros_like(batch.target))
+            return pyro.sample("spikes", obs_dist.mask(batch.mask).to_event(2), obs=observed)
 
     model = forward

@@ -6,11 +6,25 @@ from typing import Literal, Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-__all__ = ["TransformerDecoder", "sinusoidal_encoding"]
+__all__ = ["TransformerDecoder", "sinusoidal_encoding", "bound_log_rates"]
 
-#: Log-rates are clipped here (e^12 ~ 1.6e5 spikes per bin) so a diverging step cannot overflow.
+#: Log-rates are bounded smoothly to [MIN_LOG_RATE, MAX_LOG_RATE] (e^-12 ~ 6e-6 and e^12 ~ 1.6e5
+#: counts per bin): a diverging step cannot overflow, a silent neuron cannot reach log(0), and unlike
+#: a hard clamp the bound keeps a gradient everywhere.
 MAX_LOG_RATE = 12.0
+MIN_LOG_RATE = -12.0
+
+
+def bound_log_rates(x: torch.Tensor, lo: float = MIN_LOG_RATE, hi: float = MAX_LOG_RATE) -> torch.Tensor:
+    """Smooth two-sided bound: ``lo + softplus(x - lo)``, then ``hi - softplus(hi - .)``.
+
+    Within a few units of the bounds' interior it is the identity to < 1e-2 (to 6e-6 at distance
+    12), and its derivative is positive everywhere.
+    """
+    x = lo + F.softplus(x - lo)
+    return hi - F.softplus(hi - x)
 
 
 def sinusoidal_encoding(n_bins: int, d_model: int, device=None, dtype=None) -> torch.Tensor:
@@ -72,4 +86,4 @@ class TransformerDecoder(nn.Module):
         if self.positional == "sinusoidal":
             h = h + sinusoidal_encoding(h.shape[-2], h.shape[-1], device=h.device, dtype=h.dtype)
         h = self.norm(self.layer(h, src_key_padding_mask=pad_mask))
-        return self.readout(h).clamp(max=MAX_LOG_RATE)
+        return bound_log_rates(self.readout(h))

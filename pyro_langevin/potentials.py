@@ -1,14 +1,16 @@
 """Potentials ``U(z)`` for the Langevin prior; each gives ``energy(z)`` and ``force(z) = -grad U(z)``.
 
 The default is :class:`CoupledOscillatorPotential`: latent units on a 1-D lattice of ``sites`` with
-``channels`` per site, coupled to their nearest neighbours by a learned ``C x C x 3`` kernel, plus
-optional per-unit natural frequencies and a confining quartic term. Ablations: :class:`ZeroPotential`
+``channels`` per site, coupled to their neighbours by a learned ``C x C x 3`` kernel, plus per-unit
+natural frequencies and an optional quartic term; its stiffness is positive definite and bounded for
+every parameter value (a confining, stably discretised prior). Ablations: :class:`ZeroPotential`
 (free particle), :class:`QuadraticPotential` (isotropic spring) and :class:`MLPPotential`.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Literal, Optional
 
 import torch
@@ -30,8 +32,8 @@ class Potential(nn.Module):
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        if isinstance(latent_dim, bool) or not isinstance(latent_dim, numbers.Integral) or latent_dim < 1:
+            raise ValueError(f"latent_dim must be an integer >= 1, got {latent_dim!r}")
         self.latent_dim = latent_dim
 
     def energy(self, z: torch.Tensor) -> torch.Tensor:
@@ -60,15 +62,26 @@ class Potential(nn.Module):
 
 
 class CoupledOscillatorPotential(Potential):
-    """Locally coupled oscillators on a 1-D lattice (the LangevinFlow potential).
+    """Locally coupled oscillators on a 1-D lattice (the LangevinFlow potential), confining by construction.
 
-    ``z`` (size ``D = channels * sites``) is viewed as ``Z`` of shape ``(channels, sites)`` and::
+    ``z`` (size ``D = channels * sites``) is viewed as ``Z`` of shape ``(channels, sites)``; ``K * Z``
+    is a 1-D convolution with a learned ``C x C x 3`` kernel whose tap triples are normalised to unit
+    L2 norm and multiplied by a learned coupling strength, with zero padding (open ``"chain"``) or
+    circular padding (``"ring"``). The quadratic part of the energy is ``0.5 z^T S z`` with::
 
-        U(z) = sum_sites (K * Z) . Z  +  0.5 sum_i omega_i^2 z_i^2  +  (lambda / 4) sum_i z_i^4
+        "gram"      (default):  U = 0.5 ||K * Z||^2 + 0.5 sum_i omega_i^2 z_i^2
+        "reference" (released code): U = sum_sites (K * Z) . Z + 0.5 sum_i omega_i^2 z_i^2
 
-    where ``K * Z`` is a 1-D convolution with a learned ``C x C x 3`` kernel whose tap triples are
-    normalised to unit L2 norm and multiplied by a learned coupling strength, with zero padding
-    (open ``"chain"``) or circular padding (``"ring"``).
+    plus an optional quartic ``(lambda / 4) sum_i z_i^4``. The ``"gram"`` coupling is positive
+    semi-definite for every kernel, and ``omega_i^2 >= omega_min^2 > 0``, so the stiffness ``S`` is
+    positive definite for every parameter value: the prior is confined (its variance stays bounded
+    over any horizon). The ``"reference"`` form ``K + K^T`` is indefinite in general (the prior can
+    grow without bound); it is kept for ablations only.
+
+    The learned quadratic part (all but the ``omega_min`` floor) is scaled down when needed so that
+    the largest frequency ``sqrt(lambda_max(S))`` is at most ``max_omega``. The damped
+    symplectic-Euler step is stable while ``omega dt < sqrt(2)``; :class:`LangevinFlow` sets
+    ``max_omega = 1.35 / dt`` unless given (see ``STABLE_OMEGA_DT`` there).
 
     Parameters
     ----------
@@ -77,15 +90,23 @@ class CoupledOscillatorPotential(Potential):
     channels : int, optional
         Channels per lattice site; default the largest of 4, 2, 1 dividing ``latent_dim``.
     boundary : {"chain", "ring"}
+    coupling_form : {"gram", "reference"}
+        Positive semi-definite Gram coupling (default) or the released code's indefinite form.
     natural_frequencies : bool
         Add ``0.5 omega_i^2 z_i^2`` with learned ``omega_i``, initialised log-uniformly in
-        ``freq_range`` (cycles per time unit; with the 100 ms unit, 0.1-1.0 is 1-10 Hz).
+        ``freq_range`` (cycles per time unit; with the 100 ms unit, 0.1-1.0 is 1-10 Hz). Without
+        them only ``omega_min`` remains on the diagonal.
     coupling : float
         Initial coupling strength.
     quartic : float
         Confining quartic coefficient lambda (0 turns it off; fixed unless ``learn_quartic``).
     closed_form : bool
         Use the analytic force (the quadratic part's force is linear) instead of double backprop.
+    omega_min : float
+        Floor of every natural frequency (radians per time unit; default ``2 pi 0.05``, 0.5 Hz).
+    max_omega : float
+        Ceiling of the largest frequency of ``S`` (radians per time unit; default 9, about 14 Hz:
+        stable for ``dt`` up to 0.15).
     """
 
     def __init__(
@@ -99,23 +120,38 @@ class CoupledOscillatorPotential(Potential):
         quartic: float = 0.0,
         learn_quartic: bool = False,
         closed_form: bool = True,
+        coupling_form: Literal["gram", "reference"] = "gram",
+        omega_min: float = 2 * math.pi * 0.05,
+        max_omega: float = 9.0,
     ) -> None:
         super().__init__(latent_dim)
         if channels is None:
             channels = next(c for c in (4, 2, 1) if latent_dim % c == 0)
-        if latent_dim % channels:
-            raise ValueError(f"latent_dim={latent_dim} is not divisible by channels={channels}")
+        if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 1 or latent_dim % channels:
+            raise ValueError(f"latent_dim={latent_dim} is not divisible by channels={channels!r}")
         if boundary not in ("chain", "ring"):
             raise ValueError(f"boundary must be 'chain' or 'ring', got {boundary!r}")
+        if coupling_form not in ("gram", "reference"):
+            raise ValueError(f"coupling_form must be 'gram' or 'reference', got {coupling_form!r}")
+        for name, value in (("coupling", coupling), ("omega_min", omega_min), ("max_omega", max_omega)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if not omega_min < max_omega:
+            raise ValueError(f"omega_min ({omega_min}) must be below max_omega ({max_omega})")
+        lo, hi = freq_range
+        if not (0 < lo <= hi and 2 * math.pi * lo > omega_min):
+            raise ValueError(f"freq_range must satisfy omega_min / 2pi < lo <= hi, got {freq_range}")
         self.channels, self.sites = channels, latent_dim // channels
         self.boundary = boundary
+        self.coupling_form = coupling_form
         self.closed_form = closed_form
+        self.omega_min, self.max_omega = float(omega_min), float(max_omega)
         self.kernel = nn.Parameter(torch.randn(channels, channels, 3) / math.sqrt(3 * channels))
         self.log_coupling = nn.Parameter(torch.tensor(math.log(coupling)))
         if natural_frequencies:
-            lo, hi = freq_range
-            freqs = torch.exp(torch.linspace(math.log(lo), math.log(hi), latent_dim))
-            self.log_omega = nn.Parameter(torch.log(2 * math.pi * freqs))
+            omega = 2 * math.pi * torch.exp(torch.linspace(math.log(lo), math.log(hi), latent_dim))
+            # omega^2 = omega_min^2 + exp(2 log_omega): the floor holds for every parameter value
+            self.log_omega = nn.Parameter(0.5 * torch.log(omega**2 - self.omega_min**2))
         else:
             self.log_omega = None
         q = torch.tensor(float(quartic))
@@ -130,6 +166,11 @@ class CoupledOscillatorPotential(Potential):
         k = self.kernel / self.kernel.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         return torch.exp(self.log_coupling) * k
 
+    def omega_squared(self) -> torch.Tensor:
+        """Squared natural frequencies ``omega_i^2 >= omega_min^2``, shape (D,) (before the cap)."""
+        floor = torch.full((self.latent_dim,), self.omega_min**2, device=self.kernel.device, dtype=self.kernel.dtype)
+        return floor if self.log_omega is None else floor + torch.exp(2 * self.log_omega)
+
     def _lattice(self, z: torch.Tensor) -> torch.Tensor:
         return z.reshape(-1, self.channels, self.sites)
 
@@ -138,27 +179,46 @@ class CoupledOscillatorPotential(Potential):
             return F.conv1d(F.pad(zl, (1, 1), mode="circular"), k)
         return F.conv1d(zl, k, padding=1)
 
-    def _conv_adjoint(self, zl: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        if self.boundary == "ring":
-            return F.conv1d(F.pad(zl, (1, 1), mode="circular"), k.transpose(0, 1).flip(-1))
-        return F.conv_transpose1d(zl, k, padding=1)
-
-    def energy(self, z: torch.Tensor) -> torch.Tensor:
-        zl = self._lattice(z)
-        u = (self._conv(zl, self.effective_kernel()) * zl).sum(dim=(-1, -2)).reshape(z.shape[:-1])
-        if self.log_omega is not None:
-            u = u + 0.5 * (torch.exp(2 * self.log_omega) * z**2).sum(-1)
-        return u + 0.25 * self.quartic * (z**4).sum(-1)
-
-    def stiffness_matrix(self) -> torch.Tensor:
-        """Symmetric ``S`` with ``grad U(z) = S z`` for the quadratic part (coupling + frequencies)."""
+    def _learned_stiffness(self) -> torch.Tensor:
+        """Coupling plus the learned part of the frequencies (everything above the floor)."""
         d = self.latent_dim
         eye = torch.eye(d, device=self.kernel.device, dtype=self.kernel.dtype)
         conv_t = self._conv(self._lattice(eye), self.effective_kernel()).reshape(d, d)  # row i = K e_i
-        s = conv_t + conv_t.T
+        coupling = conv_t @ conv_t.T if self.coupling_form == "gram" else conv_t + conv_t.T
+        if self.log_omega is None:
+            return coupling
+        return coupling + torch.diag(torch.exp(2 * self.log_omega))
+
+    def _cap(self, learned: torch.Tensor) -> torch.Tensor:
+        """Factor in (0, 1] on the learned part so that no eigenvalue of ``S`` exceeds ``max_omega^2``."""
+        top = torch.linalg.eigvalsh(learned).abs().max()
+        return ((self.max_omega**2 - self.omega_min**2) / top).clamp(max=1.0)
+
+    def stiffness_matrix(self) -> torch.Tensor:
+        """Symmetric ``S`` with ``grad U(z) = S z`` for the quadratic part.
+
+        ``S = omega_min^2 I + c L`` with ``L`` the coupling plus the learned frequencies and ``c``
+        the cap. With the ``"gram"`` form its eigenvalues lie in ``[omega_min^2, max_omega^2]`` for
+        every parameter value.
+        """
+        learned = self._learned_stiffness()
+        eye = torch.eye(self.latent_dim, device=learned.device, dtype=learned.dtype)
+        return self.omega_min**2 * eye + self._cap(learned) * learned
+
+    def energy(self, z: torch.Tensor) -> torch.Tensor:
+        # Written with the convolution itself, independently of stiffness_matrix, so that tests of
+        # the closed-form force against autograd check the matrix.
+        zl = self._lattice(z)
+        kz = self._conv(zl, self.effective_kernel())
+        if self.coupling_form == "gram":
+            u = 0.5 * (kz**2).sum(dim=(-1, -2))
+        else:
+            u = (kz * zl).sum(dim=(-1, -2))
+        u = u.reshape(z.shape[:-1])
         if self.log_omega is not None:
-            s = s + torch.diag(torch.exp(2 * self.log_omega))
-        return s
+            u = u + 0.5 * (torch.exp(2 * self.log_omega) * z**2).sum(-1)
+        u = u * self._cap(self._learned_stiffness()) + 0.5 * self.omega_min**2 * (z**2).sum(-1)
+        return u + 0.25 * self.quartic * (z**4).sum(-1)
 
     def force_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """Closed-form force as one matrix product per step: ``-S z - lambda z^3``."""
@@ -171,15 +231,11 @@ class CoupledOscillatorPotential(Potential):
         return lambda z: -(z @ s) - quartic * z**3
 
     def force(self, z: torch.Tensor) -> torch.Tensor:
-        if not self.closed_form:
-            return self.autograd_force(z)
-        k = self.effective_kernel()
-        zl = self._lattice(z)
-        grad = (self._conv(zl, k) + self._conv_adjoint(zl, k)).reshape(z.shape)
-        if self.log_omega is not None:
-            grad = grad + torch.exp(2 * self.log_omega) * z
-        grad = grad + self.quartic * z**3
-        return -grad
+        return self.force_fn()(z)
+
+    def extra_repr(self) -> str:
+        return (f"latent_dim={self.latent_dim}, channels={self.channels}, boundary={self.boundary!r}, "
+                f"coupling_form={self.coupling_form!r}, max_omega={self.max_omega:.3g}")
 
 
 class ZeroPotential(Potential):

@@ -40,10 +40,11 @@ from pyro_langevin.checkpoints import (
 )
 from pyro_langevin.elbo import MarkovMeanFieldELBO, make_elbo
 from pyro_langevin.handlers import scale_latents
+from pyro_langevin.inputs import counts_with_features, encoder_features
 from pyro_langevin.posterior import eval_mode
 
 __all__ = [
-    "FitConfig", "FitResult", "fit", "coordinated_dropout", "default_device", "save_checkpoint",
+    "FitConfig", "FitResult", "fit", "coordinated_dropout", "weight_decay_groups", "default_device", "save_checkpoint",
     "load_checkpoint", "restore_checkpoint", "load_state_checked", "TrainingDivergedError",
     "CheckpointMismatchError",
 ]
@@ -228,9 +229,14 @@ class _Interrupted(Exception):
 def coordinated_dropout(batch: Batch, keep: float, generator: Optional[torch.Generator] = None) -> Batch:
     """Hide a random ``1 - keep`` of the held-in input entries from the guide; score only those.
 
-    The guide sees ``input * M / keep`` for a Bernoulli(keep) mask ``M``; the likelihood mask of the
-    observed held-in entries becomes ``mask & ~M``, so the model is never rewarded for copying an
-    input it was shown. Held-out neurons and forward bins are unaffected.
+    For a Bernoulli(keep) mask ``M`` the guide's encoder features (:func:`~pyro_langevin.inputs.encoder_features`,
+    ``log1p`` counts) become ``features(input) * M / keep``: rescaled *after* the nonlinear transform,
+    so their expectation over the mask equals the unmasked features and the encoder sees the same
+    input distribution in training as at test time. (Rescaling the raw counts before ``log1p`` would
+    shrink the features by 20-36% on average at keep 0.5-0.7.) The batch's ``input`` carries the
+    count-scale values with those features. The likelihood mask of the observed held-in entries
+    becomes ``mask & ~M``, so the model is never rewarded for copying an input it was shown.
+    Held-out neurons and forward bins are unaffected.
     """
     if keep >= 1.0:
         return batch
@@ -238,11 +244,127 @@ def coordinated_dropout(batch: Batch, keep: float, generator: Optional[torch.Gen
         m = torch.rand(batch.input.shape, device=batch.device) < keep
     else:
         m = torch.rand(batch.input.shape, generator=generator, device=generator.device).to(batch.device) < keep
-    new_input = batch.input * m / keep
+    new_input = counts_with_features(encoder_features(batch.input) * m / keep)
     mask = batch.mask.clone()
     t, n_in = batch.n_observed_bins, batch.n_heldin
     mask[:, :t, :n_in] &= ~m
     return batch.with_inputs(new_input, mask)
+
+
+#: Parameters never decayed: the prior's physics (potential, damping, noise), whatever their shape.
+_PHYSICAL_PREFIXES = ("model.potential.", "model.dynamics.")
+
+
+def weight_decay_groups(named_params: list[tuple[str, torch.nn.Parameter]]) -> tuple[list, list]:
+    """Split parameters into ``(decayed, not_decayed)``.
+
+    Decayed: weight matrices of the networks (``*weight*`` tensors with two or more dimensions:
+    linear, GRU and attention weights). Not decayed: biases, norms, per-trial variational
+    parameters, and every parameter of the prior's physics (log-frequencies, couplings, damping,
+    noise), whose size is meaningful rather than a complexity to shrink.
+    """
+    decayed, kept = [], []
+    for name, p in named_params:
+        is_weight = p.dim() >= 2 and "weight" in name.rsplit(".", 1)[-1]
+        (decayed if is_weight and not name.startswith(_PHYSICAL_PREFIXES) else kept).append(p)
+    return decayed, kept
+
+
+class _SignalGuard:
+    """Defer SIGINT/SIGTERM during a fit to the next step boundary (a second signal stops at once)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.previous: dict[int, Any] = {}
+        self.received: Optional[int] = None
+
+    def __enter__(self) -> "_SignalGuard":
+        if self.enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                prev = signal.getsignal(sig)
+                if prev in (signal.SIG_IGN, None):
+                    continue
+                self.previous[sig] = prev
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # impatient: second signal, stop now
+            previous = self.previous.get(signum)
+            self.restore()
+            _reraise_signal(signum, previous, frame)
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, prev in self.previous.items():
+            signal.signal(sig, prev)
+        self.previous = {}
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+
+def _reraise_signal(signum: int, previous: Any, frame: Any = None, message: str = "") -> None:
+    """Behave as the signal would have without our handler: KeyboardInterrupt, exit, or the old handler."""
+    if callable(previous) and previous is not signal.default_int_handler:
+        previous(signum, frame)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt(message) if message else KeyboardInterrupt()
+    raise SystemExit(128 + signum)
+
+
+def validation_loss(model: torch.nn.Module, guide: torch.nn.Module, batch: Batch, elbo=None, n_samples: int = 1) -> float:
+    """Negative ELBO per scored count entry on ``batch`` (no dropout, full KL weight)."""
+    elbo = elbo or MarkovMeanFieldELBO()
+    with eval_mode(model, guide), torch.no_grad():
+        total = sum(elbo.loss(model, guide, batch) for _ in range(n_samples)) / n_samples
+    return float(total) / max(1, int(batch.mask.sum()))
+
+
+def _check_fit_inputs(model: Any, guide: Any, train: Batch, valid: Optional[Batch]) -> None:
+    """Validate the batches and their agreement with each other and with the model and guide."""
+    for name, b in (("train", train), ("valid", valid)):
+        if b is None:
+            continue
+        if not isinstance(b, Batch):
+            raise TypeError(f"{name}: expected a Batch (see pyro_langevin.make_batch), got {type(b).__name__}")
+        try:
+            b.validate()
+        except BatchError as exc:
+            raise BatchError(f"{name}.{exc}") from exc
+        if not bool(b.mask.any()):
+            raise BatchError(f"{name}.mask: no entry is scored (mask is all False)")
+    if valid is not None:
+        if valid.n_heldin != train.n_heldin:
+            raise BatchError(f"valid: {valid.n_heldin} held-in neurons but train has {train.n_heldin}")
+        if valid.n_neurons != train.n_neurons:
+            raise BatchError(
+                f"valid: {valid.n_neurons} neurons (held-in + held-out) but train has {train.n_neurons}"
+            )
+        if valid.n_observed_bins != train.n_observed_bins or valid.n_bins != train.n_bins:
+            warnings.warn(
+                f"valid has {valid.n_observed_bins}+{valid.n_forward_bins} bins, train "
+                f"{train.n_observed_bins}+{train.n_forward_bins}", stacklevel=3,
+            )
+    n_model = getattr(model, "n_neurons", None)
+    if isinstance(n_model, int) and n_model != train.n_neurons:
+        raise BatchError(
+            f"train: {train.n_neurons} neurons (held-in + held-out) but the model was built for n_neurons={n_model}"
+        )
+    n_guide = getattr(guide, "n_heldin", None)
+    if isinstance(n_guide, int) and n_guide != train.n_heldin:
+        raise BatchError(f"train: {train.n_heldin} held-in neurons but the guide reads n_heldin={n_guide}")
+
+
+def _is_invalid_value_error(exc: BaseException) -> bool:
+    """A torch/Pyro distribution rejecting non-finite parameters (argument validation)."""
+    text = str(exc)
+    return isinstance(exc, ValueError) and ("invalid values" in text or "nan" in text.lower() and "constraint" in text)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return lines[0].rstrip(":")[:300]
 
 
 class _SignalGuard:
@@ -430,12 +552,16 @@ def fit(
     shuffle_gen = torch.Generator().manual_seed(config.seed)
 
     named = [(f"model.{k}", p) for k, p in model.named_parameters()] + [(f"guide.{k}", p) for k, p in guide.named_parameters()]
-    names: dict[int, str] = {}
+    first: dict[int, tuple[str, torch.nn.Parameter]] = {}
     for k, p in named:
-        names.setdefault(id(p), k)
-    params = [p for p in {id(p): p for _, p in named}.values()]
+        first.setdefault(id(p), (k, p))
+    names = {i: k for i, (k, _) in first.items()}
+    unique = list(first.values())
+    params = [p for _, p in unique]
+    decayed, not_decayed = weight_decay_groups(unique)
     optimizer_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_cls(params, lr=config.lr, weight_decay=0.0)
+    # group 0 is decayed (its rate ramps), group 1 never is
+    optimizer = optimizer_cls([{"params": decayed}, {"params": not_decayed}], lr=config.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode=config.select_mode, factor=config.lr_plateau_factor,
         patience=config.lr_plateau_patience, min_lr=config.lr_min,
@@ -526,8 +652,7 @@ def fit(
         model.train()
         guide.train()
         kl_w = config.kl_weight(epoch)
-        for group in optimizer.param_groups:
-            group["weight_decay"] = config.weight_decay_at(epoch)
+        optimizer.param_groups[0]["weight_decay"] = config.weight_decay_at(epoch)
         perm = torch.randperm(n, generator=shuffle_gen)
         total = torch.zeros((), device=device, dtype=torch.float64)
         scored = torch.zeros((), device=device, dtype=torch.long)

@@ -66,7 +66,8 @@ class LangevinParams(nn.Module):
     gamma : float
         Damping rate (per time unit). Default 2.0: velocity memory ~50 ms at the 100 ms unit.
     sigma : float, optional
-        Noise amplitude. Default ``sqrt(2 gamma m)`` (unit temperature).
+        Noise amplitude. Default ``sqrt(2 gamma m)`` (unit temperature), kept so while ``gamma``
+        is learned (unless ``learn_sigma``, which then starts from that value).
     mass : float
         Particle mass ``m`` (fixed).
     learn_gamma, learn_sigma : bool
@@ -88,15 +89,17 @@ class LangevinParams(nn.Module):
         overdamped: bool = False,
     ) -> None:
         super().__init__()
-        if dt <= 0 or gamma <= 0 or mass <= 0:
-            raise ValueError(f"dt, gamma and mass must be positive, got dt={dt}, gamma={gamma}, mass={mass}")
-        if sigma is None:
-            sigma = math.sqrt(2.0 * gamma * mass)
-        if sigma <= 0:
-            raise ValueError(f"sigma must be positive, got {sigma}")
+        for name, value in (("dt", dt), ("gamma", gamma), ("mass", mass)) + ((("sigma", sigma),) if sigma is not None else ()):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
         self.dt = float(dt)
         self.mass = float(mass)
         self.overdamped = bool(overdamped)
+        # Unit temperature (sigma^2 = 2 gamma m) is a relation, not a number: with a learned gamma
+        # and no sigma given, sigma follows gamma so the stationary velocity law stays N(0, 1/m).
+        self.unit_temperature = sigma is None and not learn_sigma
+        if sigma is None:
+            sigma = math.sqrt(2.0 * gamma * mass)
         raw_g = torch.tensor(_inv_softplus(gamma))
         raw_s = torch.tensor(_inv_softplus(sigma))
         if learn_gamma:
@@ -114,6 +117,8 @@ class LangevinParams(nn.Module):
 
     @property
     def sigma(self) -> torch.Tensor:
+        if self.unit_temperature:
+            return torch.sqrt(2.0 * self.gamma * self.mass)
         return F.softplus(self.raw_sigma)
 
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +131,7 @@ class LangevinParams(nn.Module):
         return ou_coefficients(self.gamma, self.sigma, self.mass, self.dt)
 
     def extra_repr(self) -> str:
-        return f"dt={self.dt}, mass={self.mass}, overdamped={self.overdamped}"
+        return f"dt={self.dt}, mass={self.mass}, overdamped={self.overdamped}, unit_temperature={self.unit_temperature}"
 
 
 Transition = Callable[[torch.Tensor, torch.Tensor], TransitionOutput]
