@@ -19,18 +19,24 @@ from pyro_langevin.models import LangevinFlow
 __all__ = ["add_machine_args", "setup_machine", "make_data", "build", "sync", "seconds"]
 
 
-def add_machine_args(p: argparse.ArgumentParser, threads: int | None = 1) -> None:
-    """``--device`` (default cuda when available) and ``--threads`` (torch CPU intra-op threads)."""
+def add_machine_args(p: argparse.ArgumentParser, threads: int | list[int] | None = 1) -> None:
+    """``--device`` (default cuda when available) and ``--threads`` (torch CPU intra-op threads).
+
+    A list for ``threads`` makes ``--threads`` take several counts (a script that compares them).
+    """
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=threads,
-                   help=f"torch CPU threads (default: {threads or 'torch default'})")
+    several = isinstance(threads, list)
+    p.add_argument("--threads", type=int, nargs="+" if several else None, default=threads,
+                   help=f"torch CPU thread count{'s to compare' if several else ''} (default: {threads or 'torch default'})")
 
 
 def setup_machine(args: argparse.Namespace) -> torch.device:
-    """Apply ``--threads``, turn distribution argument validation off (as ``fit()`` does), return the device."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    """Apply ``--threads`` (the first, if several), turn distribution argument validation off (as
+    ``fit()`` does), return the device."""
+    threads = args.threads[0] if isinstance(args.threads, list) else args.threads
+    if threads:
+        torch.set_num_threads(threads)
     pyro.enable_validation(False)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

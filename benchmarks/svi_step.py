@@ -1,6 +1,7 @@
 """Time one SVI step of LangevinFlow (Pyro) against a plain-PyTorch step of the same network and loss.
 
-    python benchmarks/svi_step.py                 # CPU (or CUDA when available)
+    python benchmarks/svi_step.py                 # CPU (or CUDA when available), 1 and 2 threads
+    python benchmarks/svi_step.py --threads 1     # one thread count only
     python benchmarks/svi_step.py --device cuda --repeats 20
 
 MC_Maze-like size: batch 64, 140 observed + 40 forward bins, 137 held-in + 45 held-out neurons,
@@ -8,8 +9,8 @@ latent 64. One step = ELBO forward + backward + Adam update. The plain-PyTorch v
 very same modules and computes the same loss by hand (reparameterised samples, analytic per-step
 Normal KL, masked Poisson log-likelihood), so the ratio is the cost of writing it in Pyro. Both
 run with distribution argument validation off, as ``fit()`` does by default.
-Prints a table: step times, their ratio (target <= 1.3), peak memory, and the step time at
-batch 256.
+Prints a table: step times and their ratio (target <= 1.3) at each ``--threads`` count (CPU; one
+row set on CUDA), peak memory, and the step time at batch 256.
 """
 
 from __future__ import annotations
@@ -17,23 +18,19 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
-import pyro
 from torch.distributions import Normal, Poisson, kl_divergence
 
-from pyro_langevin import make_batch
-from pyro_langevin.elbo import make_elbo
-from pyro_langevin.guides import GRUGuide
-from pyro_langevin.models import LangevinFlow
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_machine_args, build, make_data, setup_machine, sync  # noqa: E402
 
-
-def make_data(n_trials: int, t_obs=140, t_fwd=40, n_in=137, n_out=45, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rates = torch.rand(n_trials, t_obs + t_fwd, n_in + n_out, generator=g) * 0.3
-    c = torch.poisson(rates, generator=g)
-    return make_batch(c[:, :t_obs, :n_in], c[:, :t_obs, n_in:], c[:, t_obs:, :n_in], c[:, t_obs:, n_in:])
+from pyro_langevin.elbo import make_elbo  # noqa: E402
+from pyro_langevin.guides import GRUGuide  # noqa: E402
+from pyro_langevin.models import LangevinFlow  # noqa: E402
 
 
 def plain_loss(model: LangevinFlow, guide: GRUGuide, batch) -> torch.Tensor:
@@ -68,16 +65,14 @@ def time_steps(loss_fn, params, repeats: int, device) -> list[float]:
     opt = torch.optim.Adam(params, lr=1e-3)
     times = []
     for i in range(repeats + 1):  # first step warms up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 200.0)
         opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         if i:
             times.append(time.perf_counter() - t0)
     return times
@@ -89,47 +84,44 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def build(device, n_neurons=182, n_heldin=137, latent=64, hidden=64):
-    torch.manual_seed(0)
-    model = LangevinFlow(n_neurons, latent_dim=latent, dt=0.05).to(device)
-    guide = GRUGuide(model, n_heldin, hidden=hidden).to(device)
-    params = list(model.parameters()) + list(guide.parameters())
-    return model, guide, params
+def ratio_rows(elbo, model, guide, params, batch, repeats: int, device) -> list[tuple[str, str]]:
+    """Median Pyro and plain step times at batch ``len(batch)``, interleaved so load hits both alike."""
+    pyro_t, plain_t = [], []
+    for _ in range(2):
+        pyro_t += time_steps(lambda: elbo.differentiable_loss(model, guide, batch), params, repeats, device)
+        plain_t += time_steps(lambda: plain_loss(model, guide, batch), params, repeats, device)
+    tag = f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+    n = len(batch)
+    return [
+        (f"pyro step, batch {n}, {tag} (s)", f"{statistics.median(pyro_t):.4f}"),
+        (f"plain step, batch {n}, {tag} (s)", f"{statistics.median(plain_t):.4f}"),
+        (f"ratio pyro / plain, {tag}", f"{statistics.median(pyro_t) / statistics.median(plain_t):.3f}"),
+    ]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-256", action="store_true", help="skip the batch-256 timing")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_machine_args(p, threads=[1, 2])
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = setup_machine(args)  # also turns argument validation off, as fit() does
+    thread_counts = args.threads if device.type == "cpu" else [None]
+    elbo = make_elbo("meanfield")  # what fit() uses
     batch = make_data(64).to(device)
     model, guide, params = build(device)
-    elbo = make_elbo("meanfield")  # what fit() uses
-    # fit() trains with distribution argument validation off (FitConfig.validate_args); so do both here
-    pyro.enable_validation(False)
-
-    # interleave the two so machine load affects both alike
-    pyro_t, plain_t = [], []
-    for _ in range(2):
-        pyro_t += time_steps(lambda: elbo.differentiable_loss(model, guide, batch), params, args.repeats, device)
-        plain_t += time_steps(lambda: plain_loss(model, guide, batch), params, args.repeats, device)
+    rows = [("device", str(device) if device.type == "cpu" else torch.cuda.get_device_name(device))]
+    for threads in thread_counts:
+        if threads:
+            torch.set_num_threads(threads)
+        rows += ratio_rows(elbo, model, guide, params, batch, args.repeats, device)
     with torch.no_grad():
         torch.manual_seed(1)
         a = elbo.differentiable_loss(model.eval(), guide.eval(), batch)
         torch.manual_seed(1)
         b = plain_loss(model, guide, batch)
     model.train(), guide.train()
-    rows = [
-        ("device", str(device)),
-        ("threads", str(torch.get_num_threads())),
-        ("pyro step, batch 64 (s)", f"{statistics.median(pyro_t):.4f}"),
-        ("plain step, batch 64 (s)", f"{statistics.median(plain_t):.4f}"),
-        ("ratio pyro / plain", f"{statistics.median(pyro_t) / statistics.median(plain_t):.3f}"),
+    rows += [
         ("same loss (same seed)", f"{float(a):.2f} vs {float(b):.2f}"),
         ("peak memory after batch 64 (MiB)", f"{peak_memory_mb(device):.0f}"),
     ]
@@ -139,7 +131,8 @@ def main() -> None:
         big = make_data(256).to(device)
         t256 = time_steps(lambda: elbo.differentiable_loss(model, guide, big), params, max(2, args.repeats // 2), device)
         rows += [
-            ("pyro step, batch 256 (s)", f"{statistics.median(t256):.4f}"),
+            (f"pyro step, batch 256, {torch.get_num_threads()} threads (s)" if device.type == "cpu"
+             else "pyro step, batch 256 (s)", f"{statistics.median(t256):.4f}"),
             ("peak memory after batch 256 (MiB)", f"{peak_memory_mb(device):.0f}"),
         ]
     width = max(len(k) for k, _ in rows)
