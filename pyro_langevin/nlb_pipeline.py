@@ -51,7 +51,7 @@ from pyro_langevin.training import FitConfig, FitResult, default_device, fit, lo
 
 __all__ = [
     "Prepared", "prepare_batches", "build_model", "cobps_metric", "load_best", "export_rates",
-    "run_nlb", "format_table",
+    "run_nlb", "format_table", "score_split", "score_smoothing_split",
 ]
 
 PathLike = Union[str, Path]
@@ -154,20 +154,23 @@ def _submission_rates(rates: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     return {k: v for k, v in rates.items() if not k.startswith("_")}
 
 
-def _local_scores(rates_train_full: np.ndarray, data: NLBData, prep: Prepared) -> Dict[str, float]:
-    """co-bps / fp-bps / vel R^2 on the validation split; the velocity decoder fits on the fit trials."""
+def score_split(rates_train_full: np.ndarray, data: NLBData, scored: Batch, decoder_fit: Batch) -> Dict[str, float]:
+    """co-bps / fp-bps / vel R^2 of training trials ``scored``; the velocity decoder fits on ``decoder_fit``.
+
+    ``rates_train_full`` holds rates for every trial of ``data.train`` in the Batch layout; the
+    rows of ``scored`` and ``decoder_fit`` are found by their trial ``index``.
+    """
     pos = {int(i): k for k, i in enumerate(data.train.index.tolist())}
-    v_rows = [pos[int(i)] for i in prep.valid.index.tolist()]
-    f_rows = [pos[int(i)] for i in prep.fit_trials.index.tolist()]
-    return score_local(rates_train_full[v_rows], prep.valid, rates_train_full[f_rows], prep.fit_trials)
+    rows = lambda b: [pos[int(i)] for i in b.index.tolist()]  # noqa: E731
+    return score_local(rates_train_full[rows(scored)], scored, rates_train_full[rows(decoder_fit)], decoder_fit)
 
 
-def _baseline_local(data: NLBData, prep: Prepared) -> Dict[str, float]:
-    """The smoothing baseline fitted on the fit trials, scored on the validation split."""
-    r = smoothing_baseline(prep.fit_trials, prep.valid, data.bin_ms, data.dataset)
+def score_smoothing_split(data: NLBData, scored: Batch, decoder_fit: Batch) -> Dict[str, float]:
+    """The smoothing baseline fitted on ``decoder_fit`` (GLM and decoder), scored on ``scored``."""
+    r = smoothing_baseline(decoder_fit, scored, data.bin_ms, data.dataset)
     r_fit = rates_to_full({"eval_rates_heldin": r["train_rates_heldin"],
                            "eval_rates_heldout": r["train_rates_heldout"]}, "eval")
-    return score_local(rates_to_full(r, "eval"), prep.valid, r_fit, prep.fit_trials)
+    return score_local(rates_to_full(r, "eval"), scored, r_fit, decoder_fit)
 
 
 def _clean(d: Dict[str, Any]) -> Dict[str, Any]:
@@ -298,8 +301,8 @@ def run_nlb(
         "dataset": dataset, "bin_ms": bin_ms, "phase": phase,
         "n_fit_trials": prep.fit_trials.n_trials, "n_valid_trials": prep.valid.n_trials,
         "n_eval_trials": data.n_eval,
-        "local": {"model": _clean(_local_scores(rates["_train_full"], data, prep)),
-                  "smoothing": _clean(_baseline_local(data, prep))},
+        "local": {"model": _clean(score_split(rates["_train_full"], data, prep.valid, prep.fit_trials)),
+                  "smoothing": _clean(score_smoothing_split(data, prep.valid, prep.fit_trials))},
         "eval": None,
     }
     sub = write_submission(out / "submission.h5", dataset, bin_ms, _submission_rates(rates))

@@ -14,7 +14,7 @@ import torch
 from pyro_langevin.batch import Batch
 from pyro_langevin.data.errors import NLBDataError
 
-__all__ = ["split_train_valid", "heldin_only", "concat_batches", "build_training_batch"]
+__all__ = ["split_train_valid", "kfold_indices", "heldin_only", "concat_batches", "build_training_batch"]
 
 
 def split_train_valid(batch: Batch, frac: float = 0.2, seed: int = 0) -> Tuple[Batch, Batch]:
@@ -49,6 +49,17 @@ def split_train_valid(batch: Batch, frac: float = 0.2, seed: int = 0) -> Tuple[B
     valid_idx = torch.as_tensor(np.sort(perm[:n_valid]), dtype=torch.long)
     fit_idx = torch.as_tensor(np.sort(perm[n_valid:]), dtype=torch.long)
     return batch[fit_idx], batch[valid_idx]
+
+
+def kfold_indices(n: int, k: int, seed: int = 0) -> list[np.ndarray]:
+    """``k`` disjoint folds of ``range(n)`` (sorted row indices) that together cover every row once.
+
+    Fold sizes differ by at most one. Raises :class:`NLBDataError` unless ``2 <= k <= n``.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 2 <= k <= n:
+        raise NLBDataError(f"cross-validation needs 2 <= K <= {n} (the number of training trials), got K={k!r}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return [np.sort(part) for part in np.array_split(perm, k)]
 
 
 def heldin_only(batch: Batch) -> Batch:
