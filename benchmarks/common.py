@@ -16,7 +16,7 @@ from pyro_langevin import Batch, make_batch
 from pyro_langevin.guides import GRUGuide
 from pyro_langevin.models import LangevinFlow
 
-__all__ = ["add_machine_args", "setup_machine", "make_data", "build", "sync", "seconds"]
+__all__ = ["add_machine_args", "setup_machine", "make_data", "build", "sync", "seconds", "status_kib", "reset_peak_rss"]
 
 
 def add_machine_args(p: argparse.ArgumentParser, threads: int | list[int] | None = 1) -> None:
@@ -75,3 +75,22 @@ def seconds(fn: Callable[[], object], device: torch.device) -> float:
     fn()
     sync(device)
     return time.perf_counter() - t0
+
+
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` size in KiB (``VmRSS``: resident now, ``VmHWM``: its high-water mark)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current resident set (Linux >= 4.0); False when not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False

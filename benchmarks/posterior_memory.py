@@ -21,28 +21,14 @@ import resource
 import subprocess
 import sys
 import time
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM (Linux >= 4.0); False when not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
+from pathlib import Path
 
 
 def child(args: argparse.Namespace) -> dict:
     import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import reset_peak_rss, status_kib
 
     from pyro_langevin import make_batch
     from pyro_langevin.guides import GRUGuide
@@ -76,8 +62,8 @@ def child(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    before_rss = _rss_kib("VmRSS")
-    reset = _reset_peak()
+    before_rss = status_kib("VmRSS")
+    reset = reset_peak_rss()
     t0 = time.perf_counter()
     rates = run(args.s)
     if device.type == "cuda":
@@ -89,7 +75,7 @@ def child(args: argparse.Namespace) -> dict:
         out["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
         out["how"] = "torch.cuda.max_memory_allocated - allocated before"
     elif reset:
-        out["peak_mib"] = (_rss_kib("VmHWM") - before_rss) / 1024
+        out["peak_mib"] = (status_kib("VmHWM") - before_rss) / 1024
         out["how"] = "VmHWM (reset via clear_refs) - VmRSS before"
     else:
         out["peak_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_rss) / 1024
