@@ -48,6 +48,7 @@ __all__ = [
     "plot_credible_intervals",
     "save_ppc_figures",
     "STATISTICS",
+    "P_VALUE",
 ]
 
 
@@ -91,9 +92,18 @@ def neuron_statistics(x: np.ndarray) -> dict[str, np.ndarray]:
         return {k: f(x) for k, f in STATISTICS.items()}
 
 
+#: The one p-value convention of the table and the figures (ArviZ's ``plot_bpv`` "bpv" too).
+P_VALUE = "p = P(T_rep \u2264 T_obs)"
+
+
 def _mid_p(rep: np.ndarray, obs: np.ndarray) -> np.ndarray:
-    """``P(T_rep > T_obs) + 0.5 P(T_rep == T_obs)`` over the first axis of ``rep``."""
-    return np.mean(rep > obs, axis=0) + 0.5 * np.mean(rep == obs, axis=0)
+    """``P(T_rep < T_obs) + 0.5 P(T_rep == T_obs)`` over the first axis of ``rep``.
+
+    The fraction of draws at or below the observed statistic (ties counted half), as ArviZ's
+    ``plot_bpv`` reports ``bpv``: near 0 the data's statistic is smaller than the model predicts,
+    near 1 larger, near 0.5 well matched.
+    """
+    return np.mean(rep < obs, axis=0) + 0.5 * np.mean(rep == obs, axis=0)
 
 
 def ppc_pvalues(idata: az.InferenceData, group: str = "posterior_predictive", extreme: float = 0.05) -> pd.DataFrame:
@@ -101,7 +111,9 @@ def ppc_pvalues(idata: az.InferenceData, group: str = "posterior_predictive", ex
 
     Columns: ``observed`` (statistic pooled over all neurons' observed entries, i.e. the mean of the
     per-neuron values), ``predicted`` (its predictive mean), ``p_pooled`` (mid p-value of the pooled
-    statistic), ``p_median`` (median over neurons of the per-neuron mid p-values) and
+    statistic, ``P(T_rep < T_obs) + P(T_rep = T_obs) / 2``, the convention of ArviZ's ``bpv``: near 0
+    the observed statistic is below the predictions, near 1 above), ``p_median`` (median over neurons
+    of the per-neuron mid p-values) and
     ``frac_extreme`` (fraction of neurons with p < extreme/2 or p > 1 - extreme/2).
 
     Parameters
@@ -214,7 +226,7 @@ def plot_rootogram(
     ax.set_xlabel("spike count per bin")
     ax.set_ylabel("sqrt(frequency)")
     ax.set_title(f"Rootogram ({group.replace('_', ' ')})")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
     return fig
 
 
@@ -250,8 +262,8 @@ def plot_psth(
         ax.set_title(f"neuron {n}", fontsize=9)
     for ax in axes.flat[len(neurons):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.supxlabel("bin")
+    axes.flat[0].legend(fontsize=8, loc="upper right")
+    fig.supxlabel("time bin")
     fig.supylabel("mean count per bin")
     title = f"PSTH ({group.replace('_', ' ')})" + ("" if conditions is None else f", condition {condition}")
     fig.suptitle(title, fontsize=10)
@@ -269,10 +281,11 @@ def plot_fano(idata: az.InferenceData, group: str = "posterior_predictive", prob
         med = np.nanmedian(f_rep, axis=0)
         lo, hi = np.nanquantile(f_rep, [(1 - prob) / 2, (1 + prob) / 2], axis=0)
     fig, ax = _ax(ax, (4, 4))
-    ax.errorbar(f_obs, med, yerr=[med - lo, hi - med], fmt="o", ms=3, color="C0", alpha=0.8)
+    ax.errorbar(f_obs, med, yerr=[med - lo, hi - med], fmt="o", ms=3, color="C0", alpha=0.8, label="one neuron")
     both = np.concatenate([f_obs[np.isfinite(f_obs)], hi[np.isfinite(hi)]])
     lim = [min(1.0, both.min()) * 0.95, both.max() * 1.05] if both.size else [0, 2]
-    ax.plot(lim, lim, "k--", lw=0.8)
+    ax.plot(lim, lim, "k--", lw=0.8, label="predicted = observed")
+    ax.legend(fontsize=8, loc="upper left")
     ax.set_xlabel("observed Fano factor")
     ax.set_ylabel(f"predicted Fano factor (median, {int(prob * 100)}%)")
     ax.set_title(f"Fano factor per neuron ({group.replace('_', ' ')})", fontsize=10)
@@ -295,7 +308,7 @@ def plot_pit(idata: az.InferenceData, group: str = "posterior_predictive", seed:
     a2.axhline(0, color="k", lw=0.8)
     a2.set_xlabel("u")
     a2.set_ylabel("ECDF(u) - u")
-    a2.legend(fontsize=8)
+    a2.legend(fontsize=8, loc="upper right")
     fig.suptitle(f"PIT ({group.replace('_', ' ')}, {u.size} counts)", fontsize=10)
     fig.tight_layout()
     return fig
@@ -303,7 +316,7 @@ def plot_pit(idata: az.InferenceData, group: str = "posterior_predictive", seed:
 
 def plot_credible_intervals(
     summary, trial: int = 0, units: Optional[Sequence[int]] = None, truth: Optional[np.ndarray] = None,
-    label: str = "rate (counts/bin)",
+    label: str = "rate (counts/bin)", unit_name: str = "neuron",
 ):
     """Posterior mean and credible band over time for a few units of one trial.
 
@@ -319,6 +332,8 @@ def plot_credible_intervals(
         Ground truth to overlay (e.g. the true Lorenz rates).
     label : str
         y-axis label.
+    unit_name : str
+        What a unit is, for the panel titles: ``"neuron"`` (rates) or ``"latent"`` (latent states).
     """
     mean, lo, hi = summary.mean[trial], summary.lower[trial], summary.upper[trial]
     units = list(range(min(4, mean.shape[-1]))) if units is None else list(units)
@@ -329,10 +344,11 @@ def plot_credible_intervals(
         ax.plot(t, mean[:, u], color="C1", label="posterior mean")
         if truth is not None:
             ax.plot(t[: truth.shape[1]], truth[trial, :, u], "k--", lw=1, label="truth")
-        ax.set_title(f"unit {u}", fontsize=9)
-        ax.set_xlabel("bin")
+        ax.set_title(f"{unit_name} {u}", fontsize=10)
+        ax.set_xlabel("time bin")
     axes[0, 0].set_ylabel(label)
-    axes[0, 0].legend(fontsize=7)
+    axes[0, 0].legend(fontsize=8, loc="upper right")
+    fig.suptitle(f"Posterior of trial {trial}: mean and {int(summary.prob * 100)}% credible interval", fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -347,15 +363,21 @@ def _arviz_figures(idata: az.InferenceData, group: str) -> dict[str, object]:
         warnings.simplefilter("ignore")
         try:
             n_draws = idata[group].sizes["chain"] * idata[group].sizes["draw"]
-            ax = az.plot_ppc(idata, group=short, var_names=["spikes"], kind="cumulative",
-                             num_pp_samples=min(50, n_draws), random_seed=0)
-            figs["arviz_ppc"] = np.ravel(ax)[0].figure
+            ax = np.ravel(az.plot_ppc(idata, group=short, var_names=["spikes"], kind="cumulative", observed=True,
+                                      num_pp_samples=min(50, n_draws), random_seed=0))[0]
+            ax.set_xlabel("spike count per bin")
+            ax.set_ylabel("fraction of bins with at most that count")
+            ax.set_title(f"ArviZ plot_ppc: count distribution, observed vs {group.replace('_', ' ')}")
+            figs["arviz_ppc"] = ax.figure
         except Exception:  # pragma: no cover - depends on the ArviZ version
             pass
         if short == "posterior":
             try:
-                ax = az.plot_bpv(idata, kind="t_stat", t_stat="mean", var_names=["spikes"])
-                figs["arviz_bpv_mean"] = np.ravel(ax)[0].figure
+                ax = np.ravel(az.plot_bpv(idata, kind="t_stat", t_stat="mean", var_names=["spikes"]))[0]
+                ax.set_xlabel("mean spike count per bin, T (curve: draws T_rep; dot: observed T_obs)")
+                ax.set_ylabel("density of T_rep")
+                ax.set_title(f"ArviZ plot_bpv of the mean count: bpv = {P_VALUE}")
+                figs["arviz_bpv_mean"] = ax.figure
             except Exception:  # pragma: no cover
                 pass
     return figs
@@ -386,7 +408,9 @@ def save_ppc_figures(
             figs.update(_arviz_figures(idata, group))
         for name, fig in figs.items():
             path = out / f"{tag}_{name}.png"
-            fig.savefig(path, dpi=110, bbox_inches="tight")
+            with warnings.catch_warnings():  # ArviZ's legends use loc="best", slow only with huge data
+                warnings.filterwarnings("ignore", message="Creating legend with loc")
+                fig.savefig(path, dpi=110, bbox_inches="tight")
             plt.close(fig)
             written[f"{tag}_{name}"] = path
     return written
