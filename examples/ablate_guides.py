@@ -11,11 +11,14 @@ validation trials:
 
 Run::
 
-    python examples/ablate_guides.py                 # default budget (~20 min on 2 CPU cores)
-    python examples/ablate_guides.py --quick         # smoke run, well under a minute
-    python examples/ablate_guides.py --only gru,initial_state --epochs 100
+    python examples/ablate_guides.py                 # default budget (~20 min on 2 CPU cores): runs/ablate
+    python examples/ablate_guides.py --quick         # smoke run, well under a minute: runs/ablate-quick
+    python examples/ablate_guides.py --only gru,initial_state --epochs 100 --out runs/ablate-100
+    python examples/ablate_guides.py --resume        # run the variants an interrupted run did not finish
 
-The last line printed is the results as JSON; ``--out`` also gets ``results.json`` and ``table.md``.
+The last line printed is the results as JSON; ``--out`` also gets ``results.json`` (written after
+every variant) and ``table.md``. An ``--out`` that holds an earlier run needs ``--resume`` (keep its
+finished variants) or ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from typing import Any, Callable
 import torch
 from pyro.infer import TraceMeanField_ELBO
 
+from pyro_langevin.atomic import atomic_path
 from pyro_langevin.batch import Batch
+from pyro_langevin.console import Session, run_command
 from pyro_langevin.data.lorenz import make_lorenz
 from pyro_langevin.guides import (
     AutoregressiveGuide,
@@ -40,8 +45,9 @@ from pyro_langevin.guides import (
     MeanFieldGuide,
 )
 from pyro_langevin.models import LangevinFlow
+from pyro_langevin.options import ArgumentParser, OptionError, add_run_arguments, check_run_options
 from pyro_langevin.posterior import eval_mode, posterior_rates
-from pyro_langevin.training import FitConfig, default_device, fit
+from pyro_langevin.training import FitConfig, fit
 
 try:  # the NLB definition itself, when nlb_tools is installed
     from nlb_tools.evaluation import bits_per_spike
@@ -71,18 +77,35 @@ VARIANTS: list[str] = [*GUIDES, *PRIORS]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny data and 3 epochs (smoke run)")
-    p.add_argument("--out", default="runs/ablate", help="output folder (default runs/ablate)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per variant (default 40, quick 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: small recurrent steps do not gain from more, and a "
-                        "shared machine slows down badly when oversubscribed)")
+    p = ArgumentParser(prog="examples/ablate_guides.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(p, "ablate", "epochs per variant (default 40, quick 2)", "tiny data and 2 epochs per variant")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
-    p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
+
+
+def chosen_variants(only: str | None) -> list[str]:
+    """The variants of ``--only`` (default all), checked."""
+    names = VARIANTS if only is None else [s.strip() for s in only.split(",") if s.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        raise OptionError(f"--only: unknown or no variant(s) {unknown}; choose from {','.join(VARIANTS)}")
+    return names
+
+
+def finished_rows(path: Path, epochs: int) -> list[dict[str, Any]]:
+    """The variants an earlier run with the same epoch budget finished (``--resume``)."""
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise OptionError(f"--resume: {path} is not JSON ({exc}); rerun with --overwrite") from None
+    other = sorted({r.get("epochs") for r in rows} - {epochs}, key=str)
+    if other:
+        raise OptionError(f"--resume: {path} holds variants fitted for {other} epochs, this run asks for {epochs}; "
+                          "use the same options, or --overwrite")
+    return rows
 
 
 def heldin_only(batch: Batch) -> Batch:
@@ -164,32 +187,34 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         prior = ",".join(f"{k}={v}" for k, v in r["prior"].items())
         lines.append(
             f"| {r['variant']} | {r['guide']} | {prior} | {r['valid_elbo_per_bin']:.2f} | {r['rate_r2']:.3f} "
-            f"| {r['heldout_bps']:.3f} | {r['fit_seconds']:.0f} |"
+            f"| {r['heldout_bps']:.3f} | {r['fit_seconds']:.1f} |"
         )
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    torch.set_num_threads(max(1, args.threads))
-    device = torch.device(args.device) if args.device else default_device()
-    names = VARIANTS if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
+def run(args: argparse.Namespace, session: Session) -> dict[str, Any]:
+    """Check the options, fit every chosen variant not yet finished; return the results."""
+    names = chosen_variants(args.only)
+    epochs = args.epochs or (2 if args.quick else 40)
+    opts = session.options = check_run_options(args, "ablate")
+    out, device = opts.out, opts.device
+    rows = [r for r in finished_rows(out / "results.json", epochs) if r["variant"] in names] if args.resume else []
     if args.quick:
         data = make_lorenz(n_conditions=6, trials_per_condition=4, n_bins=15, n_neurons=12, n_heldout=3, seed=args.seed)
-        epochs, latent_dim = args.epochs or 2, 4
+        latent_dim = 4
     else:
         data = make_lorenz(n_conditions=40, trials_per_condition=8, n_bins=50, n_neurons=30, n_heldout=5, seed=args.seed)
-        epochs, latent_dim = args.epochs or 40, 8
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
+        latent_dim = 8
     for name in names:
+        if any(r["variant"] == name for r in rows):
+            print(f"== {name}: finished in the earlier run (kept)", file=sys.stderr, flush=True)
+            continue
         print(f"== {name}", file=sys.stderr, flush=True)
+        session.interrupt_note = lambda: (f"interrupted during variant {name}; {len(rows)} finished variant(s) saved in "
+                                          f"{out / 'results.json'}; rerun with --resume")
         rows.append(run_variant(name, data, args, epochs, device, latent_dim))
-        (out / "results.json").write_text(json.dumps(rows, indent=1))
+        with atomic_path(out / "results.json") as tmp:
+            tmp.write_text(json.dumps(rows, indent=1))
     table = format_table(rows)
     (out / "table.md").write_text(table + "\n")
     print(table)
@@ -199,5 +224,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Run as a command: exit status 0, 2 (bad input), 130 (Ctrl-C) or 143 (SIGTERM)."""
+    return run_command(lambda session: run(parse_args(argv), session), "examples/ablate_guides.py")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,10 +1,12 @@
 """Fit LangevinFlow to a synthetic Lorenz-driven spiking population and recover its firing rates.
 
     python examples/lorenz.py                 # default run (about 5 minutes on 2 CPU cores)
-    python examples/lorenz.py --quick         # smoke run, well under a minute
+    python examples/lorenz.py --quick         # smoke run, well under a minute (runs/lorenz-quick)
     python examples/lorenz.py --device cuda --epochs 400 --out runs/lorenz-gpu
+    python examples/lorenz.py --resume        # continue an interrupted run from runs/lorenz/checkpoints
 
-Writes ``metrics.json`` and ``lorenz.png`` to ``--out`` and prints the metrics JSON as its last
+Writes ``metrics.json`` and ``lorenz.png`` to ``--out`` (default ``runs/lorenz``; an ``--out`` that
+holds an earlier run needs ``--resume`` or ``--overwrite``) and prints the metrics JSON as its last
 line. Rate R^2 (sklearn r2_score, y_true = true rates, uniform over neurons) is reported on the
 validation trials for LangevinFlow and for a Gaussian spike-smoothing baseline whose width is
 chosen on the training trials. The model state is selected on the validation ELBO only.
@@ -14,38 +16,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
-from pathlib import Path
 
-import torch
-
+from pyro_langevin.console import Session, run_command
 from pyro_langevin.data.lorenz import make_lorenz
 from pyro_langevin.guides import GRUGuide
 from pyro_langevin.metrics import rate_r2
 from pyro_langevin.models import LangevinFlow
+from pyro_langevin.options import ArgumentParser, add_run_arguments, check_run_options
 from pyro_langevin.plots import plot_rates_and_latents
 from pyro_langevin.posterior import posterior_means
 from pyro_langevin.smoothing import choose_smoothing_width, smooth_spikes
-from pyro_langevin.training import FitConfig, default_device, fit
+from pyro_langevin.training import FitConfig, fit
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 200, quick 15)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="small data and few epochs, for smoke checks")
-    p.add_argument("--out", type=Path, default=Path("runs/lorenz"))
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: these small recurrent steps run fastest single-threaded)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p = ArgumentParser(prog="examples/lorenz.py", description=__doc__.split("\n")[0])
+    add_run_arguments(p, "lorenz", "training epochs (default 200, quick 15)", "small data and 15 epochs")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    device = torch.device(args.device) if args.device else default_device()
-    torch.set_num_threads(args.threads)
+def run(args: argparse.Namespace, session: Session) -> dict:
+    """Check the options, fit, score and plot; return the metrics."""
+    meta = {"script": "lorenz", "quick": args.quick, "seed": args.seed}  # what a resumed run must match
+    opts = session.options = check_run_options(args, "lorenz", meta)
+    device = opts.device
     if args.quick:
         data = make_lorenz(n_conditions=20, trials_per_condition=5, n_bins=30, seed=args.seed)
         epochs = args.epochs or 15
@@ -61,8 +57,8 @@ def main(argv=None) -> dict:
         val_every=5 if not args.quick else 3, seed=args.seed,
     )
     t0 = time.perf_counter()
-    result = fit(model, guide, data.train, data.valid, config, device=device,
-                 checkpoint_dir=args.out / "checkpoints", progress=not args.no_progress)
+    result = fit(model, guide, data.train, data.valid, config, device=device, checkpoint_dir=opts.checkpoint_dir,
+                 resume=opts.resume_from, progress=not args.no_progress, meta=meta)
     fit_seconds = time.perf_counter() - t0
 
     post = posterior_means(model, guide, data.valid.to(device), sites=("rates", "z"), n_samples=20)
@@ -83,18 +79,24 @@ def main(argv=None) -> dict:
         "n_train_trials": data.train.n_trials,
         "n_valid_trials": data.valid.n_trials,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     n = data.valid.n_trials
-    plot_rates_and_latents(args.out / "lorenz.png", data.valid_rates, rates, spikes, latents,
+    plot_rates_and_latents(opts.out / "lorenz.png", data.valid_rates, rates, spikes, latents,
                            true_latents=data.valid_latents, baseline_rates=smoothed,
-                           trials=(0, n // 3, 2 * n // 3))  # trials of different conditions
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+                           trials=(0, n // 3, 2 * n // 3),  # trials of different conditions
+                           r2={"LangevinFlow": metrics["langevinflow"]["rate_r2"],
+                               "smoothing": metrics["smoothing"]["rate_r2"]})
+    (opts.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"rate R^2 on {data.valid.n_trials} validation trials: LangevinFlow "
           f"{metrics['langevinflow']['rate_r2']:.3f}, smoothing {metrics['smoothing']['rate_r2']:.3f}")
-    print(f"wrote {args.out / 'metrics.json'} and {args.out / 'lorenz.png'}")
+    print(f"wrote {opts.out / 'metrics.json'} and {opts.out / 'lorenz.png'}")
     print(json.dumps(metrics))
     return metrics
 
 
+def main(argv=None) -> int:
+    """Run as a command: exit status 0, 2 (bad input), 130 (Ctrl-C) or 143 (SIGTERM)."""
+    return run_command(lambda session: run(parse_args(argv), session), "examples/lorenz.py")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

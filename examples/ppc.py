@@ -12,9 +12,11 @@ Fits the model with the GRU guide (or loads a checkpoint folder written by an ea
 
 Run::
 
-    python examples/ppc.py                      # fit (~3 min on 2 CPU cores) and check
-    python examples/ppc.py --quick              # smoke run
-    python examples/ppc.py --checkpoint runs/ppc/checkpoints   # reuse a fit
+    python examples/ppc.py                      # fit (~3 min on 2 CPU cores) and check: runs/ppc
+    python examples/ppc.py --quick              # smoke run: runs/ppc-quick
+    python examples/ppc.py --checkpoint runs/ppc/checkpoints --out runs/ppc-again   # reuse a fit
+
+An ``--out`` that holds an earlier run needs ``--resume`` (continue its fit) or ``--overwrite``.
 
 The last line printed is a JSON summary.
 """
@@ -28,14 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from scipy import stats
 
+from pyro_langevin.console import Session, run_command
 from pyro_langevin.data.lorenz import make_lorenz
 from pyro_langevin.guides import GRUGuide
 from pyro_langevin.metrics import rate_r2
 from pyro_langevin.models import LangevinFlow
+from pyro_langevin.options import ArgumentParser, OptionError, add_run_arguments, check_run_options, positive_int
 from pyro_langevin.ppc_plots import (
+    P_VALUE,
     plot_credible_intervals,
     ppc_pvalues,
     psth_correlation,
@@ -43,21 +47,16 @@ from pyro_langevin.ppc_plots import (
     save_ppc_figures,
 )
 from pyro_langevin.predictive import credible_intervals, predictive_checks, save_netcdf
-from pyro_langevin.training import FitConfig, default_device, fit, load_checkpoint
+from pyro_langevin.training import FitConfig, fit, load_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny data, few epochs and draws (smoke run)")
-    p.add_argument("--out", default="runs/ppc", help="output folder (default runs/ppc)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 40, quick 3)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--samples", type=int, default=None, help="predictive draws (default 100, quick 20)")
-    p.add_argument("--checkpoint", default=None,
+    p = ArgumentParser(prog="examples/ppc.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(p, "ppc", "training epochs (default 40, quick 3)", "tiny data, 3 epochs and 20 draws")
+    p.add_argument("--samples", type=positive_int, default=None, help="predictive draws (default 100, quick 20)")
+    p.add_argument("--checkpoint", type=Path, default=None,
                    help="folder with best.pt (or last.pt) and model.json from an earlier run: skip fitting")
-    p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
@@ -69,29 +68,36 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
             "latent_dim": 8, "hidden": 64, "epochs": args.epochs or 40, "samples": args.samples or 100}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    torch.set_num_threads(max(1, args.threads))
-    device = torch.device(args.device) if args.device else default_device()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def reused_setup(ck_dir: Path) -> dict[str, Any]:
+    """The settings of the fit in ``--checkpoint`` (its model.json), checked."""
+    meta_path = ck_dir / "model.json"
+    if not meta_path.is_file():
+        raise OptionError(f"--checkpoint {ck_dir}: no model.json (write it by running this script without --checkpoint)")
+    if not any((ck_dir / name).is_file() for name in ("best.pt", "last.pt")):
+        raise OptionError(f"--checkpoint {ck_dir}: neither best.pt nor last.pt")
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise OptionError(f"--checkpoint {meta_path}: not JSON ({exc})") from None
 
-    cfg = setup(args)
-    if args.checkpoint is not None:  # rebuild exactly what was fitted
-        ck_dir = Path(args.checkpoint)
-        meta_path = ck_dir / "model.json"
-        if not meta_path.is_file():
-            raise SystemExit(f"--checkpoint {ck_dir}: no model.json (write it by running this script without --checkpoint)")
-        cfg = json.loads(meta_path.read_text())
-        seed = cfg["seed"]
-    else:
-        seed = args.seed
+
+def run(args: argparse.Namespace, session: Session) -> dict[str, Any]:
+    """Check the options, fit (or load) the model, run the checks; return the summary."""
+    cfg = setup(args) if args.checkpoint is None else reused_setup(args.checkpoint)
+    if args.samples is not None:
+        cfg["samples"] = args.samples
+    seed = cfg.get("seed", args.seed)
+    meta = {"script": "ppc", "data": cfg["data"], "latent_dim": cfg["latent_dim"], "hidden": cfg["hidden"],
+            "seed": seed}  # what a resumed fit must match
+    opts = session.options = check_run_options(args, "ppc", meta)
+    out, device = opts.out, opts.device
     data = make_lorenz(seed=seed, **cfg["data"])
     tpc = cfg["data"]["trials_per_condition"]
     model = LangevinFlow(data.train.n_neurons, latent_dim=cfg["latent_dim"], dt=0.1)
     guide = GRUGuide(model, data.train.n_heldin, hidden=cfg["hidden"])
 
     if args.checkpoint is not None:
+        ck_dir = args.checkpoint
         path = ck_dir / "best.pt" if (ck_dir / "best.pt").is_file() else ck_dir / "last.pt"
         ckpt = load_checkpoint(path)
         state = ckpt.get("best_state") if path.name == "best.pt" and ckpt.get("best_state") else ckpt
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         guide.load_state_dict(state["guide"])
         fit_info = {"loaded": str(path)}
     else:
-        ck_dir = out / "checkpoints"
+        ck_dir = opts.checkpoint_dir
         ck_dir.mkdir(parents=True, exist_ok=True)
         (ck_dir / "model.json").write_text(json.dumps({**cfg, "seed": seed}))
         epochs = cfg["epochs"]
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            kl_ramp_epochs=max(1, epochs // 4), weight_decay_ramp_epochs=max(1, epochs // 4),
                            val_every=max(1, epochs // 10), seed=seed)
         result = fit(model, guide, data.train, data.valid, config, device=device, checkpoint_dir=ck_dir,
-                     progress=not args.no_progress)
+                     resume=opts.resume_from, progress=not args.no_progress, meta=meta)
         fit_info = {"epochs": epochs, "best_epoch": result.best_epoch, "fit_seconds": result.seconds}
     model.cpu()
     guide.cpu()
@@ -124,8 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     true = data.valid_rates[:, :t]
     coverage = float(np.mean((true >= ci["rates"].lower[:, :t]) & (true <= ci["rates"].upper[:, :t])))
     for name, fig in {
-        "rates_ci": plot_credible_intervals(ci["rates"], truth=data.valid_rates),
-        "latents_ci": plot_credible_intervals(ci["z"], label="z"),
+        "rates_ci": plot_credible_intervals(ci["rates"], truth=data.valid_rates, unit_name="neuron"),
+        "latents_ci": plot_credible_intervals(ci["z"], label="latent position z", unit_name="latent"),
     }.items():
         path = out / "figures" / f"posterior_{name}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     table = ppc_pvalues(idata, "posterior_predictive")
     table.to_csv(out / "pvalues.csv")
+    print(f"posterior predictive p-values, {P_VALUE} (near 0 or 1: a misfit):", file=sys.stderr)
     print(table.to_string(float_format=lambda x: f"{x:.3f}"), file=sys.stderr)
     pit = randomized_pit(idata, "posterior_predictive", seed=seed)
     ks = stats.kstest(pit, "uniform")
@@ -153,5 +160,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Run as a command: exit status 0, 2 (bad input), 130 (Ctrl-C) or 143 (SIGTERM)."""
+    return run_command(lambda session: run(parse_args(argv), session), "examples/ppc.py")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

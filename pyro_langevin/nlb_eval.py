@@ -13,6 +13,7 @@ Rates are expected spike counts per bin (not Hz) everywhere. Three entry points:
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
@@ -376,8 +377,25 @@ def write_submission(path: Union[str, os.PathLike], dataset: str, bin_ms: int,
         raise NLBDataError("submission: held-in neuron counts differ between keys")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_to_h5({group_name(dataset, bin_ms): arrays}, str(path), overwrite=True)
+    # overwrite=True is deliberate: drop nlb_tools' "... already found. Overwriting..." warning
+    nlb_log, quiet = logging.getLogger("nlb_tools.make_tensors"), _DropMessages("Overwriting")
+    nlb_log.addFilter(quiet)
+    try:
+        save_to_h5({group_name(dataset, bin_ms): arrays}, str(path), overwrite=True)
+    finally:
+        nlb_log.removeFilter(quiet)
     return path
+
+
+class _DropMessages(logging.Filter):
+    """A logging filter that drops records whose message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 def evaluate_submission(target: Union[str, os.PathLike, Mapping], submission: Union[str, os.PathLike]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -22,7 +22,6 @@ from typing import Any, Callable, Literal, Optional, Union
 
 import pyro
 import torch
-from tqdm.auto import tqdm
 
 from pyro_langevin.batch import Batch, BatchError
 from pyro_langevin.checkpoints import (
@@ -41,7 +40,9 @@ from pyro_langevin.checkpoints import (
 from pyro_langevin.elbo import MarkovMeanFieldELBO, make_elbo
 from pyro_langevin.handlers import scale_latents
 from pyro_langevin.inputs import counts_with_features, encoder_features
+from pyro_langevin.options import check_device
 from pyro_langevin.posterior import eval_mode
+from pyro_langevin.progress import progress_bar
 
 __all__ = [
     "FitConfig", "FitResult", "fit", "coordinated_dropout", "weight_decay_groups", "default_device", "save_checkpoint",
@@ -50,6 +51,8 @@ __all__ = [
 ]
 
 MetricFn = Callable[[torch.nn.Module, torch.nn.Module, Batch], dict[str, float]]
+
+_log = logging.getLogger(__name__)
 
 
 def default_device() -> torch.device:
@@ -367,101 +370,27 @@ def _first_line(exc: BaseException) -> str:
     return lines[0].rstrip(":")[:300]
 
 
-class _SignalGuard:
-    """Defer SIGINT/SIGTERM during a fit to the next step boundary (a second signal stops at once)."""
+def _check_select_on(config: FitConfig, metric_fn: Optional[MetricFn], model: Any, guide: Any,
+                     valid: Optional[Batch], history: list[dict[str, float]]) -> None:
+    """Fail before any training when ``config.select_on`` names no validation metric.
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.previous: dict[int, Any] = {}
-        self.received: Optional[int] = None
-
-    def __enter__(self) -> "_SignalGuard":
-        if self.enabled:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                prev = signal.getsignal(sig)
-                if prev in (signal.SIG_IGN, None):
-                    continue
-                self.previous[sig] = prev
-                signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:  # impatient: second signal, stop now
-            previous = self.previous.get(signum)
-            self.restore()
-            _reraise_signal(signum, previous, frame)
-        self.received = signum
-
-    def restore(self) -> None:
-        for sig, prev in self.previous.items():
-            signal.signal(sig, prev)
-        self.previous = {}
-
-    def __exit__(self, *exc: Any) -> None:
-        self.restore()
-
-
-def _reraise_signal(signum: int, previous: Any, frame: Any = None, message: str = "") -> None:
-    """Behave as the signal would have without our handler: KeyboardInterrupt, exit, or the old handler."""
-    if callable(previous) and previous is not signal.default_int_handler:
-        previous(signum, frame)
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt(message) if message else KeyboardInterrupt()
-    raise SystemExit(128 + signum)
-
-
-def validation_loss(model: torch.nn.Module, guide: torch.nn.Module, batch: Batch, elbo=None, n_samples: int = 1) -> float:
-    """Negative ELBO per scored count entry on ``batch`` (no dropout, full KL weight)."""
-    elbo = elbo or MarkovMeanFieldELBO()
-    with eval_mode(model, guide), torch.no_grad():
-        total = sum(elbo.loss(model, guide, batch) for _ in range(n_samples)) / n_samples
-    return float(total) / max(1, int(batch.mask.sum()))
-
-
-def _check_fit_inputs(model: Any, guide: Any, train: Batch, valid: Optional[Batch]) -> None:
-    """Validate the batches and their agreement with each other and with the model and guide."""
-    for name, b in (("train", train), ("valid", valid)):
-        if b is None:
-            continue
-        if not isinstance(b, Batch):
-            raise TypeError(f"{name}: expected a Batch (see pyro_langevin.make_batch), got {type(b).__name__}")
-        try:
-            b.validate()
-        except BatchError as exc:
-            raise BatchError(f"{name}.{exc}") from exc
-        if not bool(b.mask.any()):
-            raise BatchError(f"{name}.mask: no entry is scored (mask is all False)")
-    if valid is not None:
-        if valid.n_heldin != train.n_heldin:
-            raise BatchError(f"valid: {valid.n_heldin} held-in neurons but train has {train.n_heldin}")
-        if valid.n_neurons != train.n_neurons:
-            raise BatchError(
-                f"valid: {valid.n_neurons} neurons (held-in + held-out) but train has {train.n_neurons}"
-            )
-        if valid.n_observed_bins != train.n_observed_bins or valid.n_bins != train.n_bins:
-            warnings.warn(
-                f"valid has {valid.n_observed_bins}+{valid.n_forward_bins} bins, train "
-                f"{train.n_observed_bins}+{train.n_forward_bins}", stacklevel=3,
-            )
-    n_model = getattr(model, "n_neurons", None)
-    if isinstance(n_model, int) and n_model != train.n_neurons:
-        raise BatchError(
-            f"train: {train.n_neurons} neurons (held-in + held-out) but the model was built for n_neurons={n_model}"
-        )
-    n_guide = getattr(guide, "n_heldin", None)
-    if isinstance(n_guide, int) and n_guide != train.n_heldin:
-        raise BatchError(f"train: {train.n_heldin} held-in neurons but the guide reads n_heldin={n_guide}")
-
-
-def _is_invalid_value_error(exc: BaseException) -> bool:
-    """A torch/Pyro distribution rejecting non-finite parameters (argument validation)."""
-    text = str(exc)
-    return isinstance(exc, ValueError) and ("invalid values" in text or "nan" in text.lower() and "constraint" in text)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines() or [type(exc).__name__]
-    return lines[0].rstrip(":")[:300]
+    The names are ``val_loss`` plus the keys ``metric_fn`` returns; unless an earlier epoch of a
+    resumed run recorded them, ``metric_fn`` is called once on the current state (random state
+    restored afterwards, so the run is unchanged).
+    """
+    if config.select_on == "val_loss" or valid is None or any(config.select_on in h for h in history):
+        return
+    if metric_fn is None:
+        raise ValueError(f"FitConfig.select_on={config.select_on!r}: fit has no metric_fn, so the only "
+                         "validation metric is 'val_loss'")
+    rng = _rng_state()
+    try:
+        with eval_mode(model, guide), torch.no_grad():
+            names = set(metric_fn(model, guide, valid)) | {"val_loss"}
+    finally:
+        _set_rng_state(rng)
+    if config.select_on not in names:
+        raise ValueError(f"FitConfig.select_on={config.select_on!r} is not among the validation metrics {sorted(names)}")
 
 
 def fit(
@@ -539,7 +468,7 @@ def fit(
     config = config or FitConfig()
     if not isinstance(config, FitConfig):
         raise TypeError(f"config: expected a FitConfig, got {type(config).__name__}")
-    device = torch.device(device) if device is not None else default_device()
+    device = check_device(device)
     _check_fit_inputs(model, guide, train, valid)
     train = train.to(device)
     if valid is not None:
@@ -715,8 +644,10 @@ def fit(
                 bad_validations += 1
         return record, validate, improved
 
+    _check_select_on(config, metric_fn, model, guide, valid, result.history)
     t0 = time.perf_counter()
-    bar = tqdm(total=config.epochs, initial=min(start_epoch, config.epochs), disable=not progress, desc="fit", unit="epoch")
+    bar = progress_bar(total=config.epochs, initial=min(start_epoch, config.epochs), disable=not progress,
+                       desc="fit", unit="epoch")
     snap = capture(start_epoch - 1)
     retries = 0
     epoch = start_epoch
@@ -768,7 +699,7 @@ def fit(
                 postfix = {"loss": f"{record['loss']:.4f}"}
                 if valid is not None and result.best_epoch >= 0:
                     postfix[config.select_on] = f"{best:.4f}"
-                bar.set_postfix(postfix)
+                bar.set_postfix(postfix, refresh=False)  # drawn by update(): throttled off a terminal
                 bar.update(1)
                 epoch += 1
                 if stop:
@@ -782,7 +713,7 @@ def fit(
             name = signal.Signals(intr.signum).name
             message = (f"fit interrupted by {name} at epoch {intr.epoch} step {intr.step}; state at the start of "
                        f"epoch {snap['epoch'] + 1} saved to {path} (continue with fit(..., resume={str(path)!r}))")
-            print(message, file=sys.stderr, flush=True)
+            _log.warning(message)  # stderr by default; a command line prints its own line instead
             pending = (intr.signum, guard.previous.get(intr.signum), message)
         finally:
             bar.close()

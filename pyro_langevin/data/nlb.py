@@ -210,6 +210,13 @@ def _batch_from_arrays(heldin, heldout, hin_fwd, hout_fwd, *, n_heldout, n_forwa
     return batch.validate()
 
 
+def _refuse_all_nan(where: str, **arrays: Optional[np.ndarray]) -> None:
+    """An all-NaN field holds no data: training on it, or decoding from it, would mean nothing."""
+    for name, arr in arrays.items():
+        if arr is not None and np.size(arr) and bool(np.isnan(np.asarray(arr, dtype=np.float64)).all()):
+            raise NLBDataError(f"{where}: '{name}' is all NaN (no data); check how the file was made")
+
+
 def _get(d: Mapping[str, Any], key: str, where: str) -> Optional[np.ndarray]:
     if key not in d:
         return None
@@ -249,6 +256,7 @@ def nlbdata_from_dicts(
     beh = None if beh is None else np.asarray(beh, dtype=np.float64)
     if beh is not None and beh.ndim == 3 and beh.shape[:2] != (n_tr, t):
         raise NLBDataError(f"{where}: 'train_behavior' has shape {beh.shape}, expected ({n_tr}, {t}, B)")
+    _refuse_all_nan(where, train_spikes_heldin=heldin, train_behavior=beh)
     train_batch = _batch_from_arrays(heldin, heldout, hin_f, hout_f, n_heldout=n_out,
                                      n_forward=n_fwd, behavior=beh, index=np.arange(n_tr))
 
@@ -259,6 +267,7 @@ def nlbdata_from_dicts(
         raise NLBDataError(f"{where}: 'eval_spikes_heldin' has (time, neuron) {ev_in.shape[1:]} but "
                            f"training held-in spikes have {(t, n_in)}")
     n_ev = ev_in.shape[0]
+    _refuse_all_nan(where, eval_spikes_heldin=ev_in)
 
     target = None
     if eval_target is not None:

@@ -1,0 +1,354 @@
+"""Command-line options of ``pyro-langevin`` and ``examples/*.py``, validated in one place.
+
+Every entry point parses its own arguments (its argparse lives in its own file) and then calls
+:func:`check_run_options`, which checks the options every run shares before any data is loaded
+or any model is trained:
+
+* ``--epochs``, ``--seed``, ``--threads``: integers in range (argparse types :func:`positive_int`,
+  :func:`non_negative_int`);
+* ``--device``: ``cpu``, ``cuda`` or ``cuda:N``, and CUDA only where a GPU is present
+  (:func:`check_device`, also used by :func:`~pyro_langevin.training.fit`);
+* ``--out``: a folder that can be created and that holds no earlier run unless ``--resume`` or
+  ``--overwrite`` says what to do with it (:func:`check_out`); ``--quick`` runs default to their
+  own folder (:func:`default_out`);
+* ``--resume``: a readable ``last.pt`` written by the same kind of run (:func:`check_resume`).
+
+Bad input raises :class:`OptionError`, whose message is the one line the user sees (the console
+layer, :mod:`pyro_langevin.console`, prints it and exits with status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+
+from pyro_langevin import __version__
+
+__all__ = [
+    "EXIT_BAD_INPUT", "OptionError", "ArgumentParser", "positive_int", "non_negative_int",
+    "add_run_arguments", "check_run_options", "RunOptions", "check_device", "check_out", "default_out",
+    "check_resume", "parse_overrides", "check_nlb_tools", "check_nlb_config", "one_line", "NLB_INSTALL",
+]
+
+#: Exit status for bad input (as argparse uses).
+EXIT_BAD_INPUT = 2
+
+#: How to install what the NLB pipeline needs (nlb_tools pins an old pandas, hence --no-deps).
+NLB_INSTALL = "pip install -e '.[nlb]' && pip install --no-deps nlb-tools==0.0.4"
+
+#: Checkpoint/config fields a resumed run may change (as :func:`~pyro_langevin.training.fit` allows).
+RESUME_MAY_CHANGE = ("epochs", "patience", "checkpoint_every", "max_retries", "val_every")
+
+
+class OptionError(ValueError):
+    """An invalid command-line option or setting; the message is one line naming the option."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), so every bad input reads the same."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {'positive' if low == 1 else '>= 0'}, got {value}")
+    return value
+
+
+def add_run_arguments(p: argparse.ArgumentParser, name: str, epochs_help: str,
+                      quick_help: str = "a short smoke run") -> argparse.ArgumentParser:
+    """Add the options every run shares: ``--out --quick --epochs --seed --device --threads
+    --resume --overwrite --no-progress --version``.
+
+    ``name`` is the default output folder's name (``runs/{name}``, quick runs ``runs/{name}-quick``).
+    """
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output folder (default runs/{name}, with --quick runs/{name}-quick)")
+    p.add_argument("--quick", action="store_true", help=f"{quick_help} (default --out runs/{name}-quick)")
+    p.add_argument("--epochs", type=positive_int, default=None, help=epochs_help)
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed, >= 0 (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch CPU threads (default 1: this model's many small sequential steps run no "
+                        "faster on more threads, and far slower on a shared machine)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoints/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds an earlier run (its files are replaced)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--version", action="version", version=f"%(prog)s (pyro-langevin {__version__})")
+    return p
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """The checked shared options: ``out`` (created), ``device``, ``resume_from`` (a last.pt or None)."""
+
+    out: Path
+    device: torch.device
+    resume_from: Optional[Path]
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where the run's ``fit`` writes ``last.pt`` and ``best.pt``: ``{out}/checkpoints``."""
+        return self.out / "checkpoints"
+
+
+def check_run_options(args: argparse.Namespace, name: str, meta: Optional[Mapping[str, Any]] = None) -> RunOptions:
+    """Check the shared options of :func:`add_run_arguments`, set the torch threads, create ``--out``.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed arguments; ``args.out`` is filled in with the default folder when not given.
+    name : str
+        The run kind, for the default folder (see :func:`default_out`).
+    meta : mapping, optional
+        What must match in a resumed checkpoint's ``meta`` (see :func:`check_resume`).
+
+    Raises
+    ------
+    OptionError
+        With a one-line message naming the option.
+    """
+    device = check_device(args.device)
+    if args.out is None:
+        args.out = default_out(name, args.quick)
+    out = check_out(args.out, resume=args.resume, overwrite=args.overwrite)
+    resume_from = check_resume(RunOptions(out, device, None).checkpoint_dir / "last.pt", meta) if args.resume else None
+    if device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    return RunOptions(out, device, resume_from)
+
+
+def default_out(name: str, quick: bool = False) -> Path:
+    """``runs/{name}``, or ``runs/{name}-quick`` for smoke runs, so that these never replace a real run."""
+    return Path("runs") / (f"{name}-quick" if quick else name)
+
+
+def check_device(device: Union[str, torch.device, None]) -> torch.device:
+    """The torch device for ``device`` (None: ``cuda`` when available, else ``cpu``).
+
+    Raises
+    ------
+    OptionError
+        For a device other than ``cpu``/``cuda[:N]``, or CUDA without a usable GPU.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise OptionError(f"device {str(device)!r} is not a device; choose cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise OptionError(f"device {str(device)!r} is not supported; choose cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"device {str(device)!r} asked for, but no CUDA GPU is available "
+                              "(torch.cuda.is_available() is False); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise OptionError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return dev
+
+
+def check_out(out: Union[str, Path], resume: bool = False, overwrite: bool = False) -> Path:
+    """Check that ``out`` can hold this run without losing an earlier one; return it as a Path.
+
+    A folder that already holds files is refused unless ``resume`` (continue that run) or
+    ``overwrite`` (start afresh; its files are replaced as the new run writes them). Nothing is
+    created or changed here.
+    """
+    out = Path(out)
+    if resume and overwrite:
+        raise OptionError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--out {out} is a file, not a folder")
+    if out.is_dir():
+        held = sorted(p.name for p in out.iterdir())
+        if held and not (resume or overwrite):
+            shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            raise OptionError(f"--out {out} holds an earlier run ({shown}); pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another --out")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise OptionError(f"--out {out}: folder is not writable")
+        return out
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OptionError(f"--out {out} cannot be created: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OptionError(f"--out {out} cannot be created: {parent} is not writable")
+    return out
+
+
+def check_resume(last: Path, meta: Optional[Mapping[str, Any]] = None) -> Optional[Path]:
+    """``last`` if it exists and is a readable checkpoint of the same kind of run, else None.
+
+    Parameters
+    ----------
+    last : Path
+        The ``last.pt`` a resumed run would continue from. A missing file means starting afresh.
+    meta : mapping, optional
+        Items the checkpoint's ``meta`` must hold with the same values (a ``config`` dict is
+        compared field by field, except :data:`RESUME_MAY_CHANGE`).
+
+    Raises
+    ------
+    OptionError
+        The file is unreadable, or it was written by a run with other settings.
+    """
+    from pyro_langevin.checkpoints import load_checkpoint
+
+    if not last.is_file():
+        return None
+    try:
+        ckpt = load_checkpoint(last)
+    except (ValueError, FileNotFoundError) as exc:
+        raise OptionError(f"--resume: {one_line(exc)}; rerun with --overwrite to start afresh") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
+        raise OptionError(f"--resume: {last} is not a checkpoint written by fit; rerun with --overwrite")
+    saved = ckpt.get("meta") or {}
+    diffs = _differences(saved, meta or {})
+    if diffs:
+        raise OptionError(f"--resume: {last} was written by a different run ({'; '.join(diffs[:4])}); "
+                          "use the same options, or --overwrite to start afresh")
+    return last
+
+
+def _differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    out = []
+    for key, value in wanted.items():
+        if key not in saved:
+            continue  # checkpoints of older versions do not record it
+        old = saved[key]
+        if isinstance(value, Mapping) and isinstance(old, Mapping):
+            out += [f"{k}={old[k]!r} there, {value[k]!r} here" for k in value
+                    if k in old and k not in RESUME_MAY_CHANGE and old[k] != value[k]]
+        elif old != value:
+            out.append(f"{key}={old!r} there, {value!r} here")
+    return out
+
+
+def parse_overrides(items: Sequence[str], config: Any) -> dict[str, Any]:
+    """``["latent_dim=32", "kl_final=0.1"]`` -> ``{"latent_dim": 32, "kl_final": 0.1}``, typed by ``config``.
+
+    Values are read as JSON (else as strings) and must match the type of the field in the
+    dataclass instance ``config``: integers for int fields, finite numbers for float fields,
+    ``true``/``false`` for bool fields, objects for dict fields.
+    """
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise OptionError(f"--set expects FIELD=VALUE, got {item!r}")
+        if key not in fields:
+            raise OptionError(f"--set {key}: unknown {type(config).__name__} field; known: {', '.join(fields)}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        out[key] = _typed(key, value, fields[key], text)
+    return out
+
+
+def _typed(key: str, value: Any, default: Any, text: str) -> Any:
+    kind = type(default)
+    if kind is bool:
+        ok = isinstance(value, bool)
+        want = "true or false"
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        want = "an integer"
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+        want = "a finite number"
+    elif kind is dict:
+        ok = isinstance(value, dict)
+        want = 'a JSON object, e.g. {"key": 1}'
+    else:
+        value = text if kind is str else value
+        ok = isinstance(value, kind)
+        want = f"a {kind.__name__}"
+    if not ok:
+        raise OptionError(f"--set {key}={text}: expected {want}")
+    return value
+
+
+def check_nlb_tools() -> None:
+    """Raise :class:`OptionError` with the install command unless nlb_tools and its needs import."""
+    try:
+        for module in ("nlb_tools.evaluation", "nlb_tools.make_tensors"):
+            importlib.import_module(module)
+    except ImportError as exc:
+        raise OptionError(f"the NLB pipeline needs nlb_tools ({one_line(exc)}): {NLB_INSTALL}") from None
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def check_nlb_config(dataset: str, bin_ms: int, phase: str, *, quick: bool = False, epochs: Optional[int] = None,
+                     overrides: Sequence[str] = (), seed: int = 0):
+    """The :class:`~pyro_langevin.configs.NLBConfig` of an NLB run, every field checked.
+
+    The per-dataset default (:func:`~pyro_langevin.configs.default_config`), then ``--set``
+    overrides (typed by :func:`parse_overrides`), then ``epochs``. The training fields must make a
+    valid :class:`~pyro_langevin.training.FitConfig` and the model fields a model.
+    """
+    from pyro_langevin.configs import default_config
+    from pyro_langevin.data.nlb import check_args
+    from pyro_langevin.nlb_pipeline import build_model
+    from pyro_langevin.training import FitConfig
+
+    check_args(dataset, bin_ms, phase)
+    cfg = default_config(dataset, bin_ms, quick=quick)
+    changes = parse_overrides(overrides, cfg)
+    if epochs is not None:
+        changes["epochs"] = epochs
+    cfg = cfg.replace(**changes)
+    ranges = {"valid_frac": 0 < cfg.valid_frac < 1, "val_samples": cfg.val_samples >= 1,
+              "n_samples": cfg.n_samples >= 1}
+    bad = [f"{k}={getattr(cfg, k)!r}" for k, ok in ranges.items() if not ok]
+    if bad:
+        raise OptionError(f"invalid setting {', '.join(bad)} (valid_frac in (0, 1), sample counts >= 1)")
+    try:
+        FitConfig(**cfg.fit_kwargs(seed))
+    except ValueError as exc:
+        raise OptionError(one_line(exc)) from None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            build_model(cfg, n_neurons=4, n_heldin=2)
+    except Exception as exc:  # whatever the constructors reject, as one line
+        raise OptionError(f"invalid model setting: {type(exc).__name__}: {one_line(exc)}") from None
+    return cfg
