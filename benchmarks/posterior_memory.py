@@ -1,7 +1,7 @@
 """Peak memory of posterior sampling for export: S = 1 vs S = 50 draws at MC_Maze-like size.
 
-``posterior_means`` streams over draws (one at a time, running sums) and trial chunks, so its peak
-memory should not grow with S. Each S runs in a fresh subprocess; on CPU the peak is the growth of
+``posterior_means`` streams over passes of draws (at most ``max_tiled`` tiled trials each, default
+``batch_size``; running means) and trial chunks, so its peak memory should not grow with S. Each S runs in a fresh subprocess; on CPU the peak is the growth of
 the resident set (VmHWM after ``clear_refs``, else ``ru_maxrss``) over the resident size just before
 the call, on GPU ``torch.cuda.max_memory_allocated``. For contrast the table also gives what keeping
 every draw of the rates (as a stacked ``Predictive`` would) costs: ``S * trials * bins * neurons * 4``
