@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -26,6 +27,8 @@ from pyro_langevin.data.nlb import BIN_SIZES, DANDISETS, PHASES
 from pyro_langevin.options import (
     EXIT_BAD_INPUT,
     ArgumentParser,
+    OptionError,
+    positive_int,
     add_run_arguments,
     check_nlb_config,
     check_nlb_tools,
@@ -50,6 +53,13 @@ def add_nlb_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_run_arguments(p, "nlb/DATASET-BINms-PHASE", "training epochs (default: per-dataset config)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a configuration field (pyro_langevin.configs.NLBConfig), e.g. --set latent_dim=32")
+    p.add_argument("--cv", type=positive_int, default=None, metavar="K",
+                   help="K-fold cross-validation over the training trials instead of a submission run: each "
+                        "fold's model is scored on trials that chose nothing (writes cv.json and the K fold "
+                        "models' averaged rates as submission.h5)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="members of an ensemble (--set n_models=K) trained at once, one process and one "
+                        "thread each (CPU; default: as many as there are CPU cores, at most K)")
     return p
 
 
@@ -63,14 +73,33 @@ def _nlb(args: argparse.Namespace, session: Session) -> None:
             "seed": args.seed}
     run = session.options = check_run_options(args, f"nlb/{args.dataset}-{args.bin_ms:02d}ms-{args.phase}", meta)
 
+    if args.cv is not None:
+        _cross_validate(args, cfg, run)
+        return
     from pyro_langevin.nlb_pipeline import format_table, run_nlb  # heavy: after the checks
 
+    workers = args.workers or min(cfg.n_models, os.cpu_count() or 1)
     metrics = run_nlb(args.dataset, args.data_dir, args.bin_ms, args.phase, run.out, device=run.device,
                       seed=args.seed, quick=args.quick, config=cfg, resume=args.resume,
-                      progress=not args.no_progress, threads=args.threads)
+                      progress=not args.no_progress, threads=args.threads, workers=workers)
     print(format_table(metrics))
     print(f"wrote {run.out / 'metrics.json'}, {metrics['submission']} and {metrics['submission_smoothing']}")
     print(json.dumps(metrics))
+
+
+def _cross_validate(args: argparse.Namespace, cfg, run) -> None:
+    """``--cv K``: cross-validation over the training trials; prints the table and the summary JSON."""
+    if args.cv < 2:
+        raise OptionError(f"--cv needs K >= 2 folds, got {args.cv}")
+    if args.resume:
+        raise OptionError("--cv runs cannot be resumed; start afresh with --overwrite")
+    from pyro_langevin.nlb_cv import cross_validate, format_cv_table  # heavy: after the checks
+
+    result = cross_validate(args.dataset, args.data_dir, args.bin_ms, args.phase, run.out, k=args.cv, seed=args.seed,
+                            config=cfg, device=run.device, threads=args.threads, progress=not args.no_progress)
+    print(format_cv_table(result["summary"], args.cv))
+    print(f"wrote {run.out / 'cv.json'} and {result['submission']} (the {args.cv} fold models' averaged rates)")
+    print(json.dumps({"summary": result["summary"], "ensemble_eval": result["ensemble_eval"]}))
 
 
 def nlb_main(argv: Optional[Sequence[str]] = None, prog: str = "pyro-langevin nlb") -> int:

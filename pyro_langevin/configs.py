@@ -79,7 +79,9 @@ class NLBConfig:
     ``hidden`` (per direction), ``guide_dropout``, ``initial_state`` (``"gru"`` only). Training: the :class:`FitConfig` fields
     below. Evaluation: ``valid_frac`` (validation split of the training trials, for model
     selection), ``val_samples`` (posterior draws for the validation metric), ``n_samples``
-    (posterior draws averaged for the exported rates; reference 50).
+    (posterior draws averaged for the exported rates; reference 50). Ensemble: ``n_models`` (1: one
+    model, validated on a random ``valid_frac`` split; K > 1: K members, member i validated on fold i
+    of the training trials and fitted on the others, their rates averaged).
     """
 
     # model
@@ -116,6 +118,8 @@ class NLBConfig:
     valid_frac: float = 0.2
     val_samples: int = 10
     n_samples: int = 50
+    # ensemble
+    n_models: int = 1
 
     def fit_kwargs(self, seed: int = 0) -> Dict[str, Any]:
         """Keyword arguments for :class:`~pyro_langevin.training.FitConfig` (selection on co-bps)."""
@@ -132,6 +136,8 @@ class NLBConfig:
     def __post_init__(self) -> None:
         if self.guide not in ("gru", "bigru"):
             raise NLBDataError(f"unknown guide {self.guide!r} in the configuration; choose 'gru' or 'bigru'")
+        if isinstance(self.n_models, bool) or not isinstance(self.n_models, int) or self.n_models < 1:
+            raise NLBDataError(f"n_models must be an integer >= 1, got {self.n_models!r}")
 
     def replace(self, **changes: Any) -> "NLBConfig":
         unknown = [k for k in changes if k not in {f.name for f in dataclasses.fields(self)}]

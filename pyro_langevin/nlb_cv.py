@@ -11,6 +11,10 @@ Every accuracy number the project reports on real data comes from here. For fold
   decoder fitted on the fold's other training trials), and so is the smoothing baseline fitted
   on the same trials.
 
+With ``n_models = M > 1`` each fold trains the run's ensemble recipe on its other training trials
+(M members, member i validated on fold i of them; :func:`~pyro_langevin.nlb_pipeline.fold_members`),
+so the score is that of the recipe ``run_nlb`` uses; each member is also scored alone.
+
 The summary gives mean and standard error over folds for the model, the baseline and their paired
 difference. The K fold models also make an ensemble: their posterior-mean rates on every trial are
 averaged into ``submission.h5`` (each model's rates are its own 50-draw posterior means). The
@@ -27,18 +31,17 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
-import pyro
 import torch
 
 from pyro_langevin.configs import NLBConfig, default_config
 from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.data.nlb import NLBData, check_args, load_nlb
-from pyro_langevin.data.splits import build_training_batch, kfold_indices, split_train_valid
+from pyro_langevin.data.splits import kfold_indices
 from pyro_langevin.nlb_eval import score_nlb, split_rates, write_submission
 from pyro_langevin.nlb_pipeline import (
-    build_model, cobps_metric, export_rates, load_best, score_smoothing_split, score_split,
+    MemberResult, MemberSpec, average_rates, fold_members, score_smoothing_split, score_split, train_members,
 )
-from pyro_langevin.training import FitConfig, default_device, fit
+from pyro_langevin.training import default_device
 
 __all__ = ["cross_validate", "summarize_folds", "format_cv_table"]
 
@@ -50,7 +53,8 @@ def summarize_folds(folds: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Dict
     """Mean, standard error and count over folds for the model, the baseline and model - baseline.
 
     ``folds`` are the per-fold records of :func:`cross_validate` (``{"model": {...}, "smoothing": {...}}``).
-    The difference is paired: computed per fold, then summarised.
+    Differences are paired: computed per fold, then summarised. When folds trained ensembles, also
+    ``single_model`` (each member scored alone, averaged within its fold) and ``ensemble_gain``.
     """
     def stats(values: List[float]) -> Dict[str, float]:
         v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
@@ -59,7 +63,13 @@ def summarize_folds(folds: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Dict
         se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan
         return {"mean": float(v.mean()), "se": se, "n": int(v.size)}
 
+    def diff(a: List[Optional[float]], b: List[Optional[float]]) -> List[Optional[float]]:
+        return [x - y if x is not None and y is not None else None for x, y in zip(a, b)]
+
     out: Dict[str, Dict[str, Dict[str, float]]] = {"model": {}, "smoothing": {}, "difference": {}}
+    ensembles = any(len(f.get("single_models", [])) > 1 for f in folds)
+    if ensembles:
+        out.update({"single_model": {}, "ensemble_gain": {}})
     for key in METRICS:
         m = [f["model"].get(key) for f in folds]
         b = [f["smoothing"].get(key) for f in folds]
@@ -67,7 +77,12 @@ def summarize_folds(folds: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Dict
             continue
         out["model"][key] = stats(m)
         out["smoothing"][key] = stats(b)
-        out["difference"][key] = stats([x - y if x is not None and y is not None else None for x, y in zip(m, b)])
+        out["difference"][key] = stats(diff(m, b))
+        if ensembles:  # each fold's members scored alone, averaged within the fold
+            single = [float(np.mean([x[key] for x in f["single_models"]])) if key in f["single_models"][0] else None
+                      for f in folds]
+            out["single_model"][key] = stats(single)
+            out["ensemble_gain"][key] = stats(diff(m, single))
     return out
 
 
@@ -76,19 +91,26 @@ def format_cv_table(summary: Dict[str, Any], k: int) -> str:
     keys = list(summary["model"])
     lines = [f"{k}-fold cross-validation over the training trials (mean +- s.e. over folds)",
              "  " + f"{'':<22}" + "".join(f"{key:>18}" for key in keys)]
-    for who, label in (("model", "LangevinFlow"), ("smoothing", "smoothing"), ("difference", "LangevinFlow - smooth")):
+    rows = [("model", "LangevinFlow"), ("smoothing", "smoothing"), ("difference", "LangevinFlow - smooth")]
+    if "single_model" in summary:
+        rows[0] = ("model", "LangevinFlow ensemble")
+        rows += [("single_model", "single member"), ("ensemble_gain", "ensemble - single")]
+    for who, label in rows:
         cells = "".join(f"{summary[who][key]['mean']:>10.4f} +- {summary[who][key]['se']:<5.3f}" for key in keys)
         lines.append("  " + f"{label:<22}" + cells)
     return "\n".join(lines)
 
 
-def _fold_record(f: int, scored_idx: np.ndarray, n_fit: int, n_inner: int, model_scores: Dict[str, float],
-                 base_scores: Dict[str, float], best: Dict[str, Any], epochs_run: int, seconds: float) -> Dict[str, Any]:
+def _fold_record(f: int, scored_idx: np.ndarray, specs: Sequence[MemberSpec], model_scores: Dict[str, float],
+                 base_scores: Dict[str, float], members: Sequence[MemberResult],
+                 singles: Sequence[Dict[str, float]]) -> Dict[str, Any]:
     return {
-        "fold": f, "scored_trials": [int(i) for i in scored_idx], "n_fit_trials": n_fit, "n_inner_valid_trials": n_inner,
+        "fold": f, "scored_trials": [int(i) for i in scored_idx], "n_models": len(members),
+        "n_fit_trials": specs[0].fit_trials.n_trials, "n_inner_valid_trials": specs[0].valid.n_trials,
         "model": {k: float(v) for k, v in model_scores.items()}, "smoothing": {k: float(v) for k, v in base_scores.items()},
-        "best_epoch": int(best["best_epoch"]), "inner_valid_co_bps": float(best["best_metric"]),
-        "epochs_run": epochs_run, "fit_seconds": round(seconds, 1),
+        "single_models": [{k: float(v) for k, v in sc.items()} for sc in singles],
+        "best_epochs": [m.best_epoch for m in members], "inner_valid_co_bps": [m.best_metric for m in members],
+        "epochs_run": [m.epochs_run for m in members], "fit_seconds": [m.fit_seconds for m in members],
     }
 
 
@@ -108,6 +130,7 @@ def cross_validate(
     quick: bool = False,
     device: Optional[Union[str, torch.device]] = None,
     threads: Optional[int] = None,
+    workers: int = 1,
     progress: bool = True,
     data: Optional[NLBData] = None,
     log: Callable[[str], None] = print,
@@ -128,8 +151,9 @@ def cross_validate(
         Seeds the fold assignment, the inner splits, the fits and the posterior draws.
     config, overrides, epochs, quick
         As :func:`~pyro_langevin.nlb_pipeline.run_nlb`.
-    device, threads, progress, log
-        As :func:`~pyro_langevin.nlb_pipeline.run_nlb`.
+    device, threads, workers, progress, log
+        As :func:`~pyro_langevin.nlb_pipeline.run_nlb`; ``workers`` trains that many models at once
+        (every fold's members are scheduled together).
 
     Returns
     -------
@@ -157,37 +181,39 @@ def cross_validate(
     log(f"{dataset} {bin_ms} ms {phase}: {k}-fold cross-validation over {data.n_train} training trials "
         f"(folds of {min(map(len, parts))}-{max(map(len, parts))}); running folds {run}")
 
-    records: List[Dict[str, Any]] = []
-    rate_sums: Dict[str, np.ndarray] = {}
+    # every member of every fold, trained in one go (in parallel with workers > 1)
+    specs: List[MemberSpec] = []
+    splits = {}
     for f in run:
-        scored_rows = torch.as_tensor(parts[f], dtype=torch.long)
-        rest_rows = torch.as_tensor(np.setdiff1d(np.arange(data.n_train), parts[f]), dtype=torch.long)
-        scored, rest = data.train[scored_rows], data.train[rest_rows]
-        fit_trials, inner = split_train_valid(rest, cfg.valid_frac, seed + 1000 * (f + 1))
-        train = build_training_batch(fit_trials, [inner, scored, data.eval])
-        pyro.clear_param_store()
-        torch.manual_seed(seed + f)
-        model, guide = build_model(cfg, data.n_neurons, data.n_heldin)
-        ckpt_dir = out / f"fold{f}" / "checkpoints"
-        t_fit = time.perf_counter()
-        result = fit(model, guide, train, inner, FitConfig(**cfg.fit_kwargs(seed + f)), device=dev,
-                     metric_fn=cobps_metric(cfg.val_samples, seed), checkpoint_dir=ckpt_dir, progress=progress,
-                     meta={"dataset": dataset, "bin_ms": bin_ms, "phase": phase, "config": cfg.to_dict(),
-                           "seed": seed, "cv_fold": f, "cv_k": k})
-        seconds = time.perf_counter() - t_fit
-        best = load_best(model, guide, ckpt_dir, dev)
-        rates = export_rates(model, guide, data, cfg.n_samples, seed, dev)
-        for key, value in rates.items():
-            rate_sums[key] = rate_sums.get(key, 0.0) + value
-        record = _fold_record(f, parts[f], fit_trials.n_trials, inner.n_trials,
-                              score_split(rates["_train_full"], data, scored, rest),
-                              score_smoothing_split(data, scored, rest), best, len(result.history), seconds)
+        rest_rows = np.setdiff1d(np.arange(data.n_train), parts[f])
+        scored = data.train[torch.as_tensor(parts[f], dtype=torch.long)]
+        rest = data.train[torch.as_tensor(rest_rows, dtype=torch.long)]
+        fold_specs = fold_members(rest, [scored, data.eval], cfg.n_models, cfg.valid_frac,
+                                  seed + 1000 * (f + 1), out / f"fold{f}")
+        for spec in fold_specs:
+            spec.index = len(specs)
+            specs.append(spec)
+        splits[f] = (scored, rest, fold_specs)
+    meta = {"dataset": dataset, "bin_ms": bin_ms, "phase": phase, "config": cfg.to_dict(), "seed": seed, "cv_k": k}
+    trained = train_members(specs, cfg, data, dev, workers=workers, log=log, export_seed=seed, progress=progress,
+                            meta=meta)
+
+    records: List[Dict[str, Any]] = []
+    fold_ensembles: List[MemberResult] = []
+    for f in run:
+        scored, rest, fold_specs = splits[f]
+        members = [trained[s.index] for s in fold_specs]
+        rates = average_rates(members)
+        fold_ensembles.append(MemberResult(f, rates, -1, float("nan"), 0, False, 0.0))
+        singles = [score_split(m.rates["_train_full"], data, scored, rest) for m in members]
+        record = _fold_record(f, parts[f], fold_specs, score_split(rates["_train_full"], data, scored, rest),
+                              score_smoothing_split(data, scored, rest), members, singles)
         records.append(record)
         log(f"fold {f}: co-bps {record['model']['co-bps']:.4f} (smoothing {record['smoothing']['co-bps']:.4f}), "
-            f"fp-bps {record['model'].get('fp-bps', math.nan):.4f}, vel R2 {record['model'].get('vel R2', math.nan):.4f}; "
-            f"best epoch {record['best_epoch']} of {record['epochs_run']} ({seconds:.0f} s)")
+            f"fp-bps {record['model'].get('fp-bps', math.nan):.4f}, vel R2 {record['model'].get('vel R2', math.nan):.4f}"
+            + ("; single members' co-bps " + ", ".join(f"{x['co-bps']:.4f}" for x in singles) if len(members) > 1 else ""))
 
-    ensemble_rates = {key: v / len(run) for key, v in rate_sums.items()}
+    ensemble_rates = average_rates(fold_ensembles)
     t, n_in = data.n_observed_bins, data.n_heldin
     submission_rates = split_rates(ensemble_rates["_train_full"], n_in, t, "train")
     submission_rates.update({k_: v for k_, v in ensemble_rates.items() if k_.startswith("eval_")})
@@ -200,7 +226,8 @@ def cross_validate(
             ensemble = {"error": f"{type(exc).__name__}: {exc}"}
     result_json = {
         "dataset": dataset, "bin_ms": bin_ms, "phase": phase, "k": k, "seed": seed, "folds": records,
-        "summary": summarize_folds(records), "ensemble_eval": ensemble, "n_models": len(run),
+        "summary": summarize_folds(records), "ensemble_eval": ensemble, "n_models": cfg.n_models,
+        "n_models_averaged": len(run) * cfg.n_models,
         "submission": str(sub), "config": cfg.to_dict(), "device": str(dev),
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from pyro_langevin.smoothing import smooth_spikes
 __all__ = [
     "RATE_KEYS", "BASELINE_PARAMS", "RateUnitsError", "bits_per_spike", "check_rates",
     "score_eval", "score_nlb", "score_local", "split_rates", "rates_to_full",
-    "smoothing_baseline", "fit_poisson_glm", "write_submission", "evaluate_submission",
+    "smoothing_baseline", "fit_poisson_glm", "choose_glm_alpha", "GLM_ALPHAS", "write_submission", "evaluate_submission",
 ]
 
 #: Keys of a submission's rates dict (all (trial, time, neuron), counts per bin).
@@ -290,13 +290,41 @@ def fit_poisson_glm(x: np.ndarray, y: np.ndarray, alpha: float, max_iter: int = 
     return predict
 
 
+#: Poisson GLM penalties tried by :func:`choose_glm_alpha` (nlb_tools' per-dataset values among them).
+GLM_ALPHAS = (1e-3, 1e-2, 0.1, 1.0, 10.0)
+
+
+def choose_glm_alpha(x: np.ndarray, y: np.ndarray, n_trials: int, alphas: Sequence[float] = GLM_ALPHAS,
+                     folds: int = 3, seed: int = 0) -> float:
+    """The GLM penalty with the best held-out Poisson likelihood, by K-fold over TRAINING trials.
+
+    ``x`` and ``y`` hold ``n_trials`` trials' rows in trial-major order (as :func:`smoothing_baseline`
+    flattens them); folds split whole trials. nlb_tools' fixed alpha (0.1 for MC_Maze_Small)
+    overfits when there are few samples per feature, e.g. 20 ms bins of a small dataset, where
+    its baseline then scores below a constant rate.
+    """
+    rows = x.shape[0] // n_trials
+    order = np.random.default_rng(seed).permutation(n_trials)
+    scores = []
+    for alpha in alphas:
+        nll = 0.0
+        for part in np.array_split(order, folds):
+            held = np.zeros(n_trials, dtype=bool)
+            held[part] = True
+            held_rows = np.repeat(held, rows)
+            pred = fit_poisson_glm(x[~held_rows], y[~held_rows], alpha)(x[held_rows])
+            nll += float(np.sum(pred - y[held_rows] * np.log(np.maximum(pred, 1e-12))))
+        scores.append(nll)
+    return float(alphas[int(np.argmin(scores))])
+
+
 def smoothing_baseline(
     train: Batch,
     eval: Batch,
     bin_ms: int,
     dataset: Optional[str] = None,
     kern_sd_ms: Optional[float] = None,
-    alpha: Optional[float] = None,
+    alpha: Union[float, str, None] = None,
 ) -> Dict[str, np.ndarray]:
     """NLB spike-smoothing baseline, as rates (counts per bin) under :data:`RATE_KEYS`.
 
@@ -314,12 +342,16 @@ def smoothing_baseline(
     bin_ms : int
     dataset : str, optional
         Picks nlb_tools' default kernel width and alpha (:data:`BASELINE_PARAMS`).
-    kern_sd_ms, alpha : float, optional
-        Override the defaults (60 ms, 0.1 without a dataset).
+    kern_sd_ms : float, optional
+        Override the kernel width (default nlb_tools' per dataset, 60 ms without a dataset).
+    alpha : float or "cv", optional
+        The GLM penalty. Default ``"cv"``: chosen among :data:`GLM_ALPHAS` by 3-fold
+        cross-validation over ``train``'s trials (:func:`choose_glm_alpha`); a number fixes it
+        (nlb_tools' recipe uses :data:`BASELINE_PARAMS`).
     """
-    sd, a = BASELINE_PARAMS.get(dataset, (60, 0.1))
+    sd, _ = BASELINE_PARAMS.get(dataset, (60, 0.1))
     sd = kern_sd_ms if kern_sd_ms is not None else sd
-    a = alpha if alpha is not None else a
+    alpha = "cv" if alpha is None else alpha
     t, n_in = train.n_observed_bins, train.n_heldin
     tgt = _masked_counts(train)
     if np.isnan(tgt[:, :t, n_in:]).any():
@@ -329,6 +361,7 @@ def smoothing_baseline(
     feats = lambda x: np.log(x.reshape(-1, n_in) + 1e-4)  # noqa: E731
     x_tr, x_ev = feats(sm_tr), feats(sm_ev)
     y_tr = tgt[:, :t, n_in:].reshape(-1, train.n_heldout)
+    a = choose_glm_alpha(x_tr, y_tr, train.n_trials) if alpha == "cv" else float(alpha)
     predict = fit_poisson_glm(x_tr, y_tr, a)
     pred_tr, pred_ev = predict(x_tr), predict(x_ev)
     fwd = tgt[:, t:, :]

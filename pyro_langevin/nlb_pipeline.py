@@ -24,11 +24,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures as futures
 import json
+import multiprocessing
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyro
@@ -38,7 +41,7 @@ from pyro_langevin.batch import Batch
 from pyro_langevin.configs import NLBConfig, default_config
 from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.data.nlb import NLBData, check_args, load_nlb
-from pyro_langevin.data.splits import build_training_batch, split_train_valid
+from pyro_langevin.data.splits import build_training_batch, kfold_indices, split_train_valid
 from pyro_langevin.guides.base import StepwiseGuide
 from pyro_langevin.guides.bigru import BiGRUGuide
 from pyro_langevin.guides.gru import GRUGuide
@@ -47,11 +50,12 @@ from pyro_langevin.nlb_eval import (
     rates_to_full, score_local, score_nlb, smoothing_baseline, split_rates, write_submission,
 )
 from pyro_langevin.posterior import posterior_rates
-from pyro_langevin.training import FitConfig, FitResult, default_device, fit, load_checkpoint
+from pyro_langevin.training import FitConfig, default_device, fit, load_checkpoint
 
 __all__ = [
     "Prepared", "prepare_batches", "build_model", "cobps_metric", "load_best", "export_rates",
     "run_nlb", "format_table", "score_split", "score_smoothing_split",
+    "MemberSpec", "MemberResult", "fold_members", "train_member", "train_members", "average_rates",
 ]
 
 PathLike = Union[str, Path]
@@ -173,6 +177,12 @@ def score_smoothing_split(data: NLBData, scored: Batch, decoder_fit: Batch) -> D
     return score_local(rates_to_full(r, "eval"), scored, r_fit, decoder_fit)
 
 
+def _mean_scores(scores: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    """Key-wise mean of score dicts (keys present in every one)."""
+    keys = [k for k in scores[0] if all(k in d for d in scores)]
+    return {k: float(np.mean([d[k] for d in scores])) for k in keys}
+
+
 def _clean(d: Dict[str, Any]) -> Dict[str, Any]:
     return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in d.items()}
 
@@ -198,6 +208,171 @@ def format_table(metrics: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ----- members: the one fit path of NLB runs (single model, K-fold ensemble, cross-validation) -----
+@dataclass
+class MemberSpec:
+    """What one member trains on.
+
+    Attributes
+    ----------
+    index : int
+        Member number (names its checkpoint folder).
+    fit_trials : Batch
+        Training trials used in full (held-in and held-out neurons, observed and forward bins).
+    valid : Batch
+        Training trials that pick the checkpoint (co-bps); in training, held-in spikes only.
+    heldin_only : list of Batch
+        Further trials that enter training through their held-in observed spikes only
+        (the evaluation trials; a cross-validation fold's scored trials).
+    seed : int
+        Seeds the model's initialisation and the fit.
+    checkpoint_dir : Path
+    """
+
+    index: int
+    fit_trials: Batch
+    valid: Batch
+    heldin_only: List[Batch]
+    seed: int
+    checkpoint_dir: Path
+
+
+@dataclass
+class MemberResult:
+    """What one trained member gives back (all plain data: it crosses process boundaries)."""
+
+    index: int
+    rates: Dict[str, np.ndarray]
+    best_epoch: int
+    best_metric: float
+    epochs_run: int
+    stopped_early: bool
+    fit_seconds: float
+    valid_curve: List[List[float]] = field(default_factory=list)
+
+
+def fold_members(train: Batch, heldin_only: Sequence[Batch], n_models: int, valid_frac: float, seed: int,
+                 out: Path) -> List[MemberSpec]:
+    """Member specs of a run over the training trials ``train``: one member on a random ``valid_frac``
+    split, or a K-fold ensemble (member ``i`` validates on fold ``i`` of ``train``, fits the rest).
+
+    ``heldin_only`` trials (the evaluation trials, a cross-validation fold's scored trials) enter
+    every member's training through their held-in observed spikes only. With ``n_models == 1`` the
+    checkpoints go to ``out/checkpoints`` (the single-model layout); with more, member ``i`` writes
+    ``out/member{i}/checkpoints``.
+    """
+    if n_models == 1:
+        fit_trials, valid = split_train_valid(train, valid_frac, seed)
+        return [MemberSpec(0, fit_trials, valid, list(heldin_only), seed, out / "checkpoints")]
+    specs = []
+    for i, part in enumerate(kfold_indices(train.n_trials, n_models, seed)):
+        rest = np.setdiff1d(np.arange(train.n_trials), part)
+        specs.append(MemberSpec(i, train[torch.as_tensor(rest)], train[torch.as_tensor(part)],
+                                list(heldin_only), seed + i, out / f"member{i}" / "checkpoints"))
+    return specs
+
+
+def train_member(
+    spec: MemberSpec,
+    cfg: NLBConfig,
+    data: NLBData,
+    device: Union[str, torch.device] = "cpu",
+    *,
+    export_seed: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+    metric_fn: Optional[Callable] = None,
+    threads: Optional[int] = None,
+    meta: Optional[Dict[str, Any]] = None,
+    log: Callable[[str], None] = print,
+) -> MemberResult:
+    """Train one member, load its best checkpoint and export its posterior-mean rates.
+
+    The rates (counts per bin, mean of ``cfg.n_samples`` draws) come from ``best.pt``, never
+    from the last epoch, for every training and evaluation trial (see
+    :func:`~pyro_langevin.nlb_pipeline.export_rates`).
+    """
+    dev = torch.device(device)
+    if dev.type == "cpu" and threads:
+        torch.set_num_threads(int(threads))
+    train = build_training_batch(spec.fit_trials, [spec.valid, *spec.heldin_only])
+    pyro.clear_param_store()
+    torch.manual_seed(spec.seed)
+    model, guide = build_model(cfg, data.n_neurons, data.n_heldin)
+    last = spec.checkpoint_dir / "last.pt"
+    resume_from = last if resume and last.is_file() else None
+    if resume and resume_from is None:
+        log(f"no checkpoint at {last}: starting afresh")
+    t_fit = time.perf_counter()
+    result = fit(model, guide, train, spec.valid, FitConfig(**cfg.fit_kwargs(spec.seed)), device=dev,
+                 metric_fn=metric_fn or cobps_metric(cfg.val_samples, export_seed),
+                 checkpoint_dir=spec.checkpoint_dir, resume=resume_from, progress=progress,
+                 meta=dict(meta or {}, member=spec.index))
+    seconds = time.perf_counter() - t_fit
+    best = load_best(model, guide, spec.checkpoint_dir, dev)
+    log(f"exporting rates from {spec.checkpoint_dir / 'best.pt'}: mean of {cfg.n_samples} posterior draws for "
+        f"{data.n_train} training and {data.n_eval} evaluation trials ...")
+    rates = export_rates(model, guide, data, cfg.n_samples, export_seed, dev)
+    curve = [[int(h["epoch"]), round(float(h["co_bps"]), 4)] for h in result.history if "co_bps" in h]
+    return MemberResult(spec.index, rates, int(best["best_epoch"]), float(best["best_metric"]),
+                        len(result.history), result.stopped_early, round(seconds, 1), curve)
+
+
+def _train_in_worker(spec: MemberSpec, cfg: NLBConfig, data: NLBData, device: str, kwargs: Dict[str, Any]) -> MemberResult:
+    torch.set_num_threads(1)
+    return train_member(spec, cfg, data, device, progress=False, log=lambda s: None, **kwargs)
+
+
+def train_members(
+    specs: Sequence[MemberSpec],
+    cfg: NLBConfig,
+    data: NLBData,
+    device: Union[str, torch.device] = "cpu",
+    *,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+    **kwargs: Any,
+) -> List[MemberResult]:
+    """Train every member; ``workers > 1`` trains that many at once in separate processes (CPU only).
+
+    ``kwargs`` go to :func:`train_member` (``export_seed``, ``resume``, ``threads``, ``meta``;
+    ``progress`` and ``metric_fn`` only with one worker). Results come back in member order.
+    """
+    dev = torch.device(device)
+    if workers <= 1 or len(specs) == 1 or dev.type != "cpu":
+        results = []
+        for spec in specs:
+            res = train_member(spec, cfg, data, dev, log=log, **kwargs)
+            _log_member(res, len(specs), log)
+            results.append(res)
+        return results
+    if kwargs.get("metric_fn") is not None:
+        raise ValueError("a custom metric_fn cannot be sent to worker processes; use workers=1")
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("progress", "metric_fn")}
+    done: Dict[int, MemberResult] = {}
+    ctx = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
+    with futures.ProcessPoolExecutor(max_workers=min(workers, len(specs)), mp_context=ctx) as pool:
+        jobs = [pool.submit(_train_in_worker, spec, cfg, data, str(dev), kwargs) for spec in specs]
+        log(f"training {len(specs)} members in {min(workers, len(specs))} worker processes ...")
+        for job in futures.as_completed(jobs):
+            res = job.result()
+            done[res.index] = res
+            _log_member(res, len(specs), log)
+    return [done[s.index] for s in specs]
+
+
+def _log_member(res: MemberResult, n: int, log: Callable[[str], None]) -> None:
+    who = "fit" if n == 1 else f"member {res.index + 1}/{n}"
+    log(f"{who}: {res.epochs_run} epochs in {res.fit_seconds:.0f} s; best validation co-bps "
+        f"{res.best_metric:.4f} at epoch {res.best_epoch}")
+
+
+def average_rates(results: Sequence[MemberResult]) -> Dict[str, np.ndarray]:
+    """Mean of the members' rates, key by key (counts per bin)."""
+    keys = results[0].rates.keys()
+    return {k: np.mean([r.rates[k] for r in results], axis=0) for k in keys}
+
+
 def run_nlb(
     dataset: str,
     data_dir: PathLike,
@@ -215,6 +390,7 @@ def run_nlb(
     metric_fn: Optional[Callable] = None,
     overrides: Optional[Dict[str, Any]] = None,
     threads: Optional[int] = None,
+    workers: Optional[int] = None,
     log: Callable[[str], None] = print,
 ) -> Dict[str, Any]:
     """Train, select, export, score and write submissions for one NLB dataset.
@@ -243,6 +419,9 @@ def run_nlb(
     threads : int, optional
         ``torch.set_num_threads`` on CPU; default 1 (this model is many small sequential ops:
         more threads do not help and, on a loaded machine, slow it down many times over).
+    workers : int, optional
+        With ``config.n_models > 1`` on CPU, train that many members at once in worker processes
+        (one torch thread each); default 1.
     metric_fn : callable, optional
         Replaces the validation metric (must return ``co_bps``); for tests and experiments.
     log : callable
@@ -268,41 +447,35 @@ def run_nlb(
     if dev.type == "cpu":
         torch.set_num_threads(int(threads) if threads else 1)
     out = Path(out)
-    ckpt_dir = out / "checkpoints"
+    n_models = cfg.n_models
 
     data = load_nlb(dataset, data_dir, bin_ms=bin_ms, phase=phase)
-    prep = prepare_batches(data, cfg.valid_frac, seed)
-    log(f"{dataset} {bin_ms} ms {phase}: {data.n_train} training trials ({prep.fit_trials.n_trials} fit, "
-        f"{prep.valid.n_trials} validation), {data.n_eval} evaluation trials; {data.n_heldin} held-in + "
-        f"{data.n_heldout} held-out neurons; {data.n_observed_bins} + {data.n_forward_bins} bins")
+    specs = fold_members(data.train, [data.eval], n_models, cfg.valid_frac, seed, out)
+    split = (f"{specs[0].fit_trials.n_trials} fit, {specs[0].valid.n_trials} validation" if n_models == 1 else
+             f"{n_models} members, each validating on one of {n_models} folds and fitting the others")
+    log(f"{dataset} {bin_ms} ms {phase}: {data.n_train} training trials ({split}), {data.n_eval} evaluation "
+        f"trials; {data.n_heldin} held-in + {data.n_heldout} held-out neurons; "
+        f"{data.n_observed_bins} + {data.n_forward_bins} bins")
 
-    pyro.clear_param_store()
-    torch.manual_seed(seed)
-    model, guide = build_model(cfg, data.n_neurons, data.n_heldin)
-    fit_config = FitConfig(**cfg.fit_kwargs(seed))
-    last = ckpt_dir / "last.pt"
-    resume_from = last if resume and last.is_file() else None
-    if resume and resume_from is None:
-        log(f"no checkpoint at {last}: starting afresh")
     meta = {"dataset": dataset, "bin_ms": bin_ms, "phase": phase, "config": cfg.to_dict(), "seed": seed}
     t_fit = time.perf_counter()
-    result: FitResult = fit(model, guide, prep.train, prep.valid, fit_config, device=dev,
-                            metric_fn=metric_fn or cobps_metric(cfg.val_samples, seed),
-                            checkpoint_dir=ckpt_dir, resume=resume_from, progress=progress, meta=meta)
+    members = train_members(specs, cfg, data, dev, workers=workers or 1, log=log, export_seed=seed, resume=resume,
+                            progress=progress, metric_fn=metric_fn, meta=meta)
     fit_seconds = time.perf_counter() - t_fit
-    best = load_best(model, guide, ckpt_dir, dev)
-    log(f"fit: {len(result.history)} epochs in {fit_seconds:.0f} s; best validation co-bps "
-        f"{best['best_metric']:.4f} at epoch {best['best_epoch']} (loaded from {ckpt_dir / 'best.pt'})")
-
-    rates = export_rates(model, guide, data, cfg.n_samples, seed, dev)
+    rates = average_rates(members)
+    log("scoring the model and the smoothing baseline ...")
+    t_step = time.perf_counter()
     baseline = smoothing_baseline(data.train, data.eval, bin_ms, dataset)
 
+    # Each member scored on its own validation split, which also picked its checkpoint: optimistic.
+    local = [(score_split(m.rates["_train_full"], data, s.valid, s.fit_trials),
+              score_smoothing_split(data, s.valid, s.fit_trials)) for m, s in zip(members, specs)]
     metrics: Dict[str, Any] = {
-        "dataset": dataset, "bin_ms": bin_ms, "phase": phase,
-        "n_fit_trials": prep.fit_trials.n_trials, "n_valid_trials": prep.valid.n_trials,
+        "dataset": dataset, "bin_ms": bin_ms, "phase": phase, "n_models": n_models,
+        "n_fit_trials": specs[0].fit_trials.n_trials, "n_valid_trials": specs[0].valid.n_trials,
         "n_eval_trials": data.n_eval,
-        "local": {"model": _clean(score_split(rates["_train_full"], data, prep.valid, prep.fit_trials)),
-                  "smoothing": _clean(score_smoothing_split(data, prep.valid, prep.fit_trials))},
+        "local": {"model": _clean(_mean_scores([m for m, _ in local])),
+                  "smoothing": _clean(_mean_scores([b for _, b in local]))},
         "eval": None,
     }
     sub = write_submission(out / "submission.h5", dataset, bin_ms, _submission_rates(rates))
@@ -315,16 +488,21 @@ def run_nlb(
             log(f"warning: scoring the evaluation trials failed ({type(exc).__name__}: {exc}); "
                 f"the submissions are written")
             metrics["eval"] = {"error": f"{type(exc).__name__}: {exc}"}
-    history = [h for h in result.history if "co_bps" in h]
+    log(f"scored in {time.perf_counter() - t_step:.0f} s")
+    first = members[0]
     metrics.update({
-        "best_epoch": int(best["best_epoch"]), "best_valid_co_bps": float(best["best_metric"]),
-        "epochs_run": len(result.history), "epochs": cfg.epochs, "stopped_early": result.stopped_early,
+        "best_epoch": first.best_epoch, "best_valid_co_bps": float(np.mean([m.best_metric for m in members])),
+        "epochs_run": first.epochs_run, "epochs": cfg.epochs, "stopped_early": first.stopped_early,
         "fit_seconds": round(fit_seconds, 1), "total_seconds": round(time.perf_counter() - t_start, 1),
         "n_samples": cfg.n_samples, "device": str(dev), "seed": seed, "quick": quick,
-        "torch_threads": torch.get_num_threads(), "host": platform.node(),
-        "valid_curve": [[int(h["epoch"]), round(float(h["co_bps"]), 4)] for h in history],
+        "torch_threads": torch.get_num_threads(), "workers": workers or 1, "host": platform.node(),
+        "valid_curve": first.valid_curve,
+        "members": [{"member": m.index, "best_epoch": m.best_epoch, "best_valid_co_bps": m.best_metric,
+                     "epochs_run": m.epochs_run, "fit_seconds": m.fit_seconds,
+                     "valid": _clean(sc), "valid_trials": [int(i) for i in s.valid.index.tolist()]}
+                    for m, s, (sc, _) in zip(members, specs, local)],
         "submission": str(sub), "submission_smoothing": str(sub_base),
-        "checkpoint": str(ckpt_dir / "best.pt"), "config": cfg.to_dict(),
+        "checkpoint": str(specs[0].checkpoint_dir / "best.pt"), "config": cfg.to_dict(),
     })
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))

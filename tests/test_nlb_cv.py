@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_langevin import nlb_cv
+from pyro_langevin import nlb_cv, nlb_pipeline
 from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.data.nlb import load_nlb
 from pyro_langevin.data.rebin import rebin_counts, rebin_folder
@@ -44,13 +44,13 @@ def data():
 def test_scored_fold_never_reaches_training_targets_or_selection(data, tmp_path, monkeypatch):
     """Capture what each fold's fit sees: the scored trials only as held-in spikes, never in selection."""
     seen = []
-    real_fit = nlb_cv.fit
+    real_fit = nlb_pipeline.fit
 
     def spy(model, guide, train, valid, config, **kw):
         seen.append((train, valid))
         return real_fit(model, guide, train, valid, config, **kw)
 
-    monkeypatch.setattr(nlb_cv, "fit", spy)
+    monkeypatch.setattr(nlb_pipeline, "fit", spy)
     k = 2
     res = nlb_cv.cross_validate("mc_maze_small", DATA, 5, "val", tmp_path / "cv", k=k, quick=True, progress=False,
                                 data=data, log=lambda s: None)
@@ -77,7 +77,7 @@ def test_scored_fold_never_reaches_training_targets_or_selection(data, tmp_path,
     assert summary["difference"]["co-bps"]["mean"] == pytest.approx(np.mean(diff))
     # the fold ensemble's submission is a valid nlb_tools file with every rate key
     stored = json.loads((tmp_path / "cv" / "cv.json").read_text())
-    assert stored["n_models"] == k
+    assert stored["n_models_averaged"] == k
     sub = Path(stored["submission"])
     assert sub.is_file()
     import h5py
@@ -100,3 +100,53 @@ def test_rebin_sums_counts_and_averages_behaviour(tmp_path):
     assert (d20.n_observed_bins, d20.n_forward_bins) == (35, 10)
     assert torch.equal(d20.train.target, d5.train.target.reshape(75, 45, 4, -1).sum(2))
     assert torch.allclose(d20.train.behavior, d5.train.behavior.reshape(75, 35, 4, 2).mean(2))
+
+
+def test_fold_ensemble_run_averages_members_and_workers_change_nothing(tmp_path):
+    """run_nlb with n_models=2: members validate on disjoint folds; 2 worker processes give the same rates."""
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        runs[workers] = nlb_pipeline.run_nlb("mc_maze_small", DATA, 5, "val", out, quick=True, progress=False,
+                                             overrides={"n_models": 2}, workers=workers, log=lambda s: None)
+    m = runs[1]
+    assert m["n_models"] == 2 and len(m["members"]) == 2
+    v0, v1 = (set(x["valid_trials"]) for x in m["members"])
+    assert v0.isdisjoint(v1) and len(v0 | v1) == 75
+    assert (tmp_path / "w1" / "member1" / "checkpoints" / "best.pt").is_file()
+    import h5py
+    with h5py.File(m["submission"]) as f1, h5py.File(runs[2]["submission"]) as f2:
+        a, b = np.asarray(f1["mc_maze_small"]["eval_rates_heldout"]), np.asarray(f2["mc_maze_small"]["eval_rates_heldout"])
+    assert a.shape == (25, 140, 35)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_cli_cv_writes_cv_json_and_refuses_one_fold(tmp_path, capsys):
+    from pyro_langevin.cli import nlb_main
+    out = tmp_path / "cv"
+    code = nlb_main(["--dataset", "mc_maze_small", "--data-dir", str(DATA), "--quick", "--cv", "2",
+                     "--out", str(out), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "2-fold cross-validation" in captured.out
+    summary = json.loads(captured.out.strip().splitlines()[-1])["summary"]
+    assert summary["model"]["co-bps"]["n"] == 2
+    assert (out / "cv.json").is_file() and (out / "submission.h5").is_file()
+    code = nlb_main(["--dataset", "mc_maze_small", "--data-dir", str(DATA), "--quick", "--cv", "1",
+                     "--out", str(tmp_path / "cv1"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--cv" in err[0]
+
+
+def test_smoothing_baseline_chooses_its_penalty_on_training_trials():
+    """At 20 ms nlb_tools' fixed alpha overfits 60 trials; the chosen one beats a constant rate."""
+    from pyro_langevin.nlb_eval import choose_glm_alpha
+    g = np.random.default_rng(0)
+    x = g.normal(size=(30 * 20, 40))
+    w = np.zeros((40, 3))
+    w[:3] = 0.8
+    y = g.poisson(np.exp(x @ w - 1.0)).astype(float)
+    informative = choose_glm_alpha(x, y, n_trials=30)
+    y_noise = g.poisson(np.full((600, 3), 0.3)).astype(float)
+    noise = choose_glm_alpha(x, y_noise, n_trials=30)
+    assert informative <= 0.1 and noise >= 1.0  # little penalty for signal, heavy for noise
