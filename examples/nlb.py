@@ -2,18 +2,23 @@
 
     python examples/nlb.py --dataset mc_maze_small --data-dir /work/shared/data --bin-ms 5 --phase val
     python examples/nlb.py --dataset mc_maze_small --data-dir DIR --quick --out runs/smoke
+    python examples/nlb.py --dataset mc_maze_small --data-dir DIR --bin-ms 20 --cv 5     # accuracy estimate
     python examples/nlb.py --dataset mc_maze --data-dir ~/dandi --bin-ms 20 --phase test --device cuda
 
 ``--data-dir`` holds the DANDI layout (``dandi download DANDI:000140`` gives
 ``000140/sub-Jenkins/*.nwb``) and/or preprocessed ``{dataset}-{bin:02d}ms-{phase}/`` folders
 (train_input.h5, eval_input.h5[, eval_target.h5]).
 
-What happens (see :mod:`pyro_langevin.nlb_pipeline`): a validation split is carved from the
-training trials; the model trains on the other training trials, plus the held-in spikes only of
-the validation and evaluation trials; the state with the best validation co-bps is kept
-(``{out}/checkpoints/best.pt``); rates are the mean over 50 posterior draws, in counts per bin.
-Scores for the model and the smoothing baseline, computed in the same run: on the validation
-split (``local``) and, when the eval target is known, on the evaluation trials (``eval``).
+What happens (see :mod:`pyro_langevin.nlb_pipeline`): validation data are carved from the
+training trials only. On the small datasets five models are trained (``n_models``; two at a time
+with ``--workers 2``): model i keeps the state with the best co-bps on fold i of the training
+trials and fits the other folds, plus the held-in spikes only of its validation trials and the
+evaluation trials (``{out}/member{i}/checkpoints/best.pt``); the submission averages their rates
+(each the mean of 50 posterior draws, in counts per bin). ``--set n_models=1``: one model on a
+random 20% validation split (``{out}/checkpoints/best.pt``). Scores for the model and the
+smoothing baseline, computed in the same run: on each member's validation split (``local``; it
+chose that member's checkpoint, so it is optimistic) and, when the eval target is known, on the
+evaluation trials (``eval``). ``--cv K`` cross-validates instead: the honest estimate.
 
 Writes ``{out}/metrics.json``, ``{out}/submission.h5`` (model) and
 ``{out}/submission_smoothing.h5`` (baseline). Prints a table and, last, the metrics JSON.

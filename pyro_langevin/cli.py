@@ -58,8 +58,8 @@ def add_nlb_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "fold's model is scored on trials that chose nothing (writes cv.json and the K fold "
                         "models' averaged rates as submission.h5)")
     p.add_argument("--workers", type=positive_int, default=None,
-                   help="members of an ensemble (--set n_models=K) trained at once, one process and one "
-                        "thread each (CPU; default: as many as there are CPU cores, at most K)")
+                   help="models trained at once (ensemble members, cross-validation folds), one process and "
+                        "one thread each (CPU; default: one per CPU core, at most the number of models)")
     return p
 
 
@@ -74,8 +74,13 @@ def _nlb(args: argparse.Namespace, session: Session) -> None:
     run = session.options = check_run_options(args, f"nlb/{args.dataset}-{args.bin_ms:02d}ms-{args.phase}", meta)
 
     if args.cv is not None:
+        session.interrupt_note = lambda: (f"interrupted; cross-validation runs cannot be resumed (rerun with "
+                                          f"--overwrite); fold checkpoints are in {run.out}")
         _cross_validate(args, cfg, run)
         return
+    if cfg.n_models > 1:
+        session.interrupt_note = lambda: (f"interrupted; each member's checkpoint is in {run.out}/member*/checkpoints; "
+                                          "rerun with --resume")
     from pyro_langevin.nlb_pipeline import format_table, run_nlb  # heavy: after the checks
 
     workers = args.workers or min(cfg.n_models, os.cpu_count() or 1)
@@ -95,8 +100,10 @@ def _cross_validate(args: argparse.Namespace, cfg, run) -> None:
         raise OptionError("--cv runs cannot be resumed; start afresh with --overwrite")
     from pyro_langevin.nlb_cv import cross_validate, format_cv_table  # heavy: after the checks
 
+    workers = args.workers or min(args.cv * cfg.n_models, os.cpu_count() or 1)
     result = cross_validate(args.dataset, args.data_dir, args.bin_ms, args.phase, run.out, k=args.cv, seed=args.seed,
-                            config=cfg, device=run.device, threads=args.threads, progress=not args.no_progress)
+                            config=cfg, device=run.device, threads=args.threads, workers=workers,
+                            progress=not args.no_progress)
     print(format_cv_table(result["summary"], args.cv))
     print(f"wrote {run.out / 'cv.json'} and {result['submission']} (the {args.cv} fold models' averaged rates)")
     print(json.dumps({"summary": result["summary"], "ensemble_eval": result["ensemble_eval"]}))
