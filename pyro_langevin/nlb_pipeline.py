@@ -1,25 +1,30 @@
-"""Train LangevinFlow on an NLB dataset, select on a validation split, export, score and submit.
+"""Train LangevinFlow on an NLB dataset (one model or a fold ensemble), export, score and submit.
 
 :func:`run_nlb` is the whole pipeline (``examples/nlb.py`` and ``pyro-langevin nlb`` call it):
 
 1. :func:`~pyro_langevin.data.nlb.load_nlb` (NWB through nlb_tools, or preprocessed h5 folders).
-2. :func:`prepare_batches`: a validation split is carved from the TRAINING trials only. The
-   fitting batch holds the other training trials in full (held-in and held-out neurons, observed
-   and forward bins), plus the validation and evaluation trials with only their held-in observed
-   spikes (``heldin_only``): no validation or evaluation target reaches the likelihood.
+2. :func:`fold_members`: validation data are carved from the TRAINING trials only: a random split
+   for one model, fold i of K for ensemble member i. A member's fitting batch
+   (:meth:`MemberSpec.training_batch`) holds its other training trials in full (held-in and
+   held-out neurons, observed and forward bins), plus its validation trials and the evaluation
+   trials with only their held-in observed spikes: no validation or evaluation target reaches the
+   likelihood.
 3. :func:`build_model`: a :class:`LangevinFlow` that predicts every neuron (held-in + held-out)
    in every bin (observed + forward), and a :class:`GRUGuide` that reads held-in spikes only.
-4. :func:`~pyro_langevin.training.fit` with ``select_on='co_bps'``, ``select_mode='max'``: the
-   metric is co-bps of the validation split's held-out neurons from posterior-mean rates
-   (:func:`cobps_metric`). Checkpoints go to ``{out}/checkpoints`` (``best.pt``, ``last.pt``).
-5. :func:`load_best`: the model and guide are loaded from ``best.pt`` explicitly (also after a
-   resumed run), then :func:`export_rates` averages ``n_samples`` (default 50) posterior draws:
-   expected counts per bin for the training and evaluation trials.
-6. Scores through :mod:`pyro_langevin.nlb_eval` for the model and the smoothing baseline, in the
-   same run: on the validation split of training trials (``local``: co-bps, fp-bps, vel R^2) and,
+4. :func:`train_member` (through :func:`train_members`, optionally in worker processes):
+   :func:`~pyro_langevin.training.fit` with ``select_on='co_bps'``, ``select_mode='max'`` on the
+   member's validation trials (:func:`cobps_metric`), checkpoints in ``{out}/checkpoints`` (one
+   model) or ``{out}/member{i}/checkpoints``; then :func:`load_best` loads ``best.pt`` explicitly
+   (also after a resumed run) and :func:`export_rates` averages ``n_samples`` (default 50)
+   posterior draws: expected counts per bin for the training and evaluation trials.
+5. :func:`average_rates` over the members; scores through :mod:`pyro_langevin.nlb_eval` for the
+   model and the smoothing baseline, in the same run: on each member's validation split
+   (``local``: co-bps, fp-bps, vel R^2; optimistic, since those trials chose the checkpoint) and,
    when the eval target is known (phase ``val``), on the evaluation trials (``eval``: co-bps,
    fp-bps, vel R^2, psth R^2, tp corr as the dataset allows).
-7. ``submission.h5`` (and ``submission_smoothing.h5``) in nlb_tools' format, for both phases.
+6. ``submission.h5`` (and ``submission_smoothing.h5``) in nlb_tools' format, for both phases.
+
+Accuracy estimates come from :mod:`pyro_langevin.nlb_cv` (cross-validation of this recipe).
 """
 
 from __future__ import annotations
@@ -53,40 +58,12 @@ from pyro_langevin.posterior import posterior_rates
 from pyro_langevin.training import FitConfig, default_device, fit, load_checkpoint
 
 __all__ = [
-    "Prepared", "prepare_batches", "build_model", "cobps_metric", "load_best", "export_rates",
+    "build_model", "cobps_metric", "load_best", "export_rates",
     "run_nlb", "format_table", "score_split", "score_smoothing_split",
     "MemberSpec", "MemberResult", "fold_members", "train_member", "train_members", "average_rates",
 ]
 
 PathLike = Union[str, Path]
-
-
-class Prepared:
-    """The batches of one run.
-
-    Attributes
-    ----------
-    train : Batch
-        What ``fit`` trains on: ``fit_trials`` in full plus ``valid`` and evaluation trials held-in only.
-    fit_trials : Batch
-        Training trials not held out (full targets; they fit the baseline's GLM and the decoders).
-    valid : Batch
-        Validation split of training trials (full targets, for scoring only).
-    """
-
-    def __init__(self, train: Batch, fit_trials: Batch, valid: Batch) -> None:
-        self.train, self.fit_trials, self.valid = train, fit_trials, valid
-
-
-def prepare_batches(data: NLBData, valid_frac: float = 0.2, seed: int = 0) -> Prepared:
-    """Split ``data.train`` into fitting and validation trials and build the training batch.
-
-    Validation and evaluation trials contribute only their held-in observed spikes to the
-    training batch (mask False on their held-out neurons and forward bins).
-    """
-    fit_trials, valid = split_train_valid(data.train, valid_frac, seed)
-    train = build_training_batch(fit_trials, [valid, data.eval])
-    return Prepared(train, fit_trials, valid)
 
 
 def build_model(config: NLBConfig, n_neurons: int, n_heldin: int) -> Tuple[LangevinFlow, StepwiseGuide]:
@@ -236,6 +213,11 @@ class MemberSpec:
     seed: int
     checkpoint_dir: Path
 
+    def training_batch(self) -> Batch:
+        """What ``fit`` trains on: ``fit_trials`` in full; ``valid`` and ``heldin_only`` trials with
+        their held-in observed spikes only (mask False on held-out neurons and forward bins)."""
+        return build_training_batch(self.fit_trials, [self.valid, *self.heldin_only])
+
 
 @dataclass
 class MemberResult:
@@ -295,7 +277,7 @@ def train_member(
     dev = torch.device(device)
     if dev.type == "cpu" and threads:
         torch.set_num_threads(int(threads))
-    train = build_training_batch(spec.fit_trials, [spec.valid, *spec.heldin_only])
+    train = spec.training_batch()
     pyro.clear_param_store()
     torch.manual_seed(spec.seed)
     model, guide = build_model(cfg, data.n_neurons, data.n_heldin)

@@ -161,11 +161,21 @@ def real_small():
     return load_nlb("mc_maze_small", REPO / "tests" / "data", bin_ms=5, phase="val")
 
 
+@pytest.mark.parametrize("n_models", [1, 5])
 @pytest.mark.parametrize("which", ["synthetic", "real"])
-def test_training_batch_holds_no_validation_or_eval_targets(request, which):
+def test_training_batch_holds_no_validation_or_eval_targets(request, which, n_models, tmp_path):
     maze = request.getfixturevalue("maze" if which == "synthetic" else "real_small")
-    prep = nlb_pipeline.prepare_batches(maze, 0.2, seed=0)
-    tr, t, n_in = prep.train, maze.n_observed_bins, maze.n_heldin
+    specs = nlb_pipeline.fold_members(maze.train, [maze.eval], n_models, 0.2, seed=0, out=tmp_path)
+    assert len(specs) == n_models
+    for prep in specs:
+        _check_member_batch(maze, prep)
+    valid_sets = [set(s.valid.index.tolist()) for s in specs]
+    if n_models > 1:  # member i validates on fold i: disjoint folds covering every training trial
+        assert sum(map(len, valid_sets)) == maze.n_train and set().union(*valid_sets) == set(range(maze.n_train))
+
+
+def _check_member_batch(maze, prep):
+    tr, t, n_in = prep.training_batch(), maze.n_observed_bins, maze.n_heldin
     held_back = set(prep.valid.index.tolist()) | set(maze.eval.index.tolist())
     assert len(tr) == maze.n_train + maze.n_eval
     for row, idx in enumerate(tr.index.tolist()):
