@@ -161,8 +161,9 @@ class NLBConfig:
 #: validations without improvement, and LR halving after 3, keep the run inside ~30 minutes.
 #: Ensembles (issue 8, docs/nlb.md): on these small datasets the variance between fits dominates.
 #: Five members, each validating on one fold of the training trials and fitting the other four,
-#: averaged: 5-fold cross-validation at 20 ms scored the ensemble +0.056 +- 0.002 co-bps above its
-#: single members (0.264 vs 0.209). The large datasets keep one model (n_models=1).
+#: averaged: 5-fold cross-validation on MC_Maze_Small scored the ensemble +0.042 +- 0.002 co-bps
+#: above its single members at 5 ms (0.185 vs 0.144) and +0.056 +- 0.002 at 20 ms (0.264 vs
+#: 0.209). The large datasets keep one model (n_models=1).
 _SMALL = dict(latent_dim=32, hidden=128, dropout=0.3, guide_dropout=0.3, kl_final=0.1,
               patience=8, lr_plateau_patience=3, n_models=5)
 DEFAULTS: Dict[str, Dict[str, Any]] = {
