@@ -33,15 +33,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from pyro_langevin.configs import NLBConfig, default_config
+from pyro_langevin.configs import NLBConfig
 from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.data.nlb import NLBData, check_args, load_nlb
 from pyro_langevin.data.splits import kfold_indices
-from pyro_langevin.nlb_eval import score_nlb, split_rates, write_submission
+from pyro_langevin.nlb_eval import score_nlb, write_submission
 from pyro_langevin.nlb_pipeline import (
-    MemberResult, MemberSpec, average_rates, fold_members, score_smoothing_split, score_split, train_members,
+    MemberResult, MemberSpec, average_rates, fold_members, run_setup, score_smoothing_split, score_split,
+    submission_rates, train_members,
 )
-from pyro_langevin.training import default_device
 
 __all__ = ["cross_validate", "summarize_folds", "format_cv_table"]
 
@@ -164,14 +164,7 @@ def cross_validate(
     """
     t_start = time.perf_counter()
     check_args(dataset, bin_ms, phase)
-    cfg = config if config is not None else default_config(dataset, bin_ms, quick=quick)
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    if epochs is not None:
-        cfg = cfg.replace(epochs=int(epochs))
-    dev = torch.device(device) if device else default_device()
-    if dev.type == "cpu":
-        torch.set_num_threads(int(threads) if threads else 1)
+    cfg, dev = run_setup(dataset, bin_ms, quick, config, overrides, epochs, device, threads)
     out = Path(out)
     data = data if data is not None else load_nlb(dataset, data_dir, bin_ms=bin_ms, phase=phase)
     parts = kfold_indices(data.n_train, k, seed)
@@ -213,15 +206,12 @@ def cross_validate(
             f"fp-bps {record['model'].get('fp-bps', math.nan):.4f}, vel R2 {record['model'].get('vel R2', math.nan):.4f}"
             + ("; single members' co-bps " + ", ".join(f"{x['co-bps']:.4f}" for x in singles) if len(members) > 1 else ""))
 
-    ensemble_rates = average_rates(fold_ensembles)
-    t, n_in = data.n_observed_bins, data.n_heldin
-    submission_rates = split_rates(ensemble_rates["_train_full"], n_in, t, "train")
-    submission_rates.update({k_: v for k_, v in ensemble_rates.items() if k_.startswith("eval_")})
-    sub = write_submission(out / "submission.h5", dataset, bin_ms, submission_rates)
+    ensemble_rates = submission_rates(average_rates(fold_ensembles))
+    sub = write_submission(out / "submission.h5", dataset, bin_ms, ensemble_rates)
     ensemble: Optional[Dict[str, Any]] = None
     if data.has_eval_target:
         try:
-            ensemble = {k_: float(v) for k_, v in score_nlb(data, submission_rates).items()}
+            ensemble = {k_: float(v) for k_, v in score_nlb(data, ensemble_rates).items()}
         except ValueError as exc:
             ensemble = {"error": f"{type(exc).__name__}: {exc}"}
     result_json = {

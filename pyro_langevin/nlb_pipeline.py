@@ -59,7 +59,7 @@ from pyro_langevin.training import FitConfig, default_device, fit, load_checkpoi
 
 __all__ = [
     "build_model", "cobps_metric", "load_best", "export_rates",
-    "run_nlb", "format_table", "score_split", "score_smoothing_split",
+    "run_nlb", "run_setup", "submission_rates", "format_table", "score_split", "score_smoothing_split",
     "MemberSpec", "MemberResult", "fold_members", "train_member", "train_members", "average_rates",
 ]
 
@@ -131,7 +131,8 @@ def export_rates(model, guide, data: NLBData, n_samples: int = 50, seed: int = 0
     return rates
 
 
-def _submission_rates(rates: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def submission_rates(rates: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """The nlb_tools keys of :func:`export_rates`' (or averaged) rates, without the private batch-layout copy."""
     return {k: v for k, v in rates.items() if not k.startswith("_")}
 
 
@@ -355,6 +356,26 @@ def average_rates(results: Sequence[MemberResult]) -> Dict[str, np.ndarray]:
     return {k: np.mean([r.rates[k] for r in results], axis=0) for k in keys}
 
 
+def run_setup(dataset: str, bin_ms: int, quick: bool, config: Optional[NLBConfig], overrides: Optional[Dict[str, Any]],
+              epochs: Optional[int], device: Optional[Union[str, torch.device]],
+              threads: Optional[int]) -> Tuple[NLBConfig, torch.device]:
+    """The configuration (default or ``config``, then ``overrides``, then ``epochs``) and the device of
+    a run; sets the torch CPU threads (default 1). Shared by :func:`run_nlb` and cross-validation."""
+    cfg = config if config is not None else default_config(dataset, bin_ms, quick=quick)
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    if epochs is not None:
+        if isinstance(epochs, bool) or int(epochs) < 1:
+            raise NLBDataError(f"epochs must be a positive integer, got {epochs!r}")
+        cfg = cfg.replace(epochs=int(epochs))
+    dev = torch.device(device) if device else default_device()
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NLBDataError("device 'cuda' asked for, but no CUDA GPU is available")
+    if dev.type == "cpu":
+        torch.set_num_threads(int(threads) if threads else 1)
+    return cfg, dev
+
+
 def run_nlb(
     dataset: str,
     data_dir: PathLike,
@@ -416,18 +437,7 @@ def run_nlb(
     """
     t_start = time.perf_counter()
     check_args(dataset, bin_ms, phase)
-    cfg = config if config is not None else default_config(dataset, bin_ms, quick=quick)
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    if epochs is not None:
-        if isinstance(epochs, bool) or int(epochs) < 1:
-            raise NLBDataError(f"epochs must be a positive integer, got {epochs!r}")
-        cfg = cfg.replace(epochs=int(epochs))
-    dev = torch.device(device) if device else default_device()
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise NLBDataError("device 'cuda' asked for, but no CUDA GPU is available")
-    if dev.type == "cpu":
-        torch.set_num_threads(int(threads) if threads else 1)
+    cfg, dev = run_setup(dataset, bin_ms, quick, config, overrides, epochs, device, threads)
     out = Path(out)
     n_models = cfg.n_models
 
@@ -460,7 +470,7 @@ def run_nlb(
                   "smoothing": _clean(_mean_scores([b for _, b in local]))},
         "eval": None,
     }
-    sub = write_submission(out / "submission.h5", dataset, bin_ms, _submission_rates(rates))
+    sub = write_submission(out / "submission.h5", dataset, bin_ms, submission_rates(rates))
     sub_base = write_submission(out / "submission_smoothing.h5", dataset, bin_ms, baseline)
     if data.has_eval_target:
         try:

@@ -26,7 +26,7 @@ from pyro_langevin.data.lorenz import make_lorenz
 from pyro_langevin.data.nlb import nlbdata_from_dicts
 from pyro_langevin.guides import GRUGuide
 from pyro_langevin.models import LangevinFlow
-from pyro_langevin.options import OptionError, check_device, check_out, check_resume, parse_overrides
+from pyro_langevin.options import OptionError, check_out, check_resume, parse_overrides
 from pyro_langevin.progress import progress_bar
 from pyro_langevin.training import FitConfig, fit, save_checkpoint
 

@@ -14,7 +14,6 @@ from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.data.nlb import load_nlb
 from pyro_langevin.data.rebin import rebin_counts, rebin_folder
 from pyro_langevin.data.splits import kfold_indices
-from pyro_langevin.nlb_eval import evaluate_submission
 
 DATA = Path(__file__).resolve().parent / "data"
 
