@@ -49,11 +49,7 @@ from pyro_langevin.options import ArgumentParser, OptionError, add_run_arguments
 from pyro_langevin.posterior import eval_mode, posterior_rates
 from pyro_langevin.training import FitConfig, fit
 
-try:  # the NLB definition itself, when nlb_tools is installed
-    from nlb_tools.evaluation import bits_per_spike
-except Exception:  # pragma: no cover - depends on the environment
-    from pyro_langevin.metrics import bits_per_spike
-from pyro_langevin.metrics import rate_r2
+from pyro_langevin.metrics import bits_per_spike, rate_r2
 
 GuideFactory = Callable[[LangevinFlow, int, int, int], torch.nn.Module]
 

@@ -9,7 +9,7 @@
 ``000140/sub-Jenkins/*.nwb``) and/or preprocessed ``{dataset}-{bin:02d}ms-{phase}/`` folders
 (train_input.h5, eval_input.h5[, eval_target.h5]).
 
-What happens (see :mod:`pyro_langevin.nlb_pipeline`): validation data are carved from the
+What happens (see :mod:`pyro_langevin.nlb.pipeline`): validation data are carved from the
 training trials only. On the small datasets five models are trained (``n_models``; two at a time
 with ``--workers 2``): model i keeps the state with the best co-bps on fold i of the training
 trials and fits the other folds, plus the held-in spikes only of its validation trials and the

@@ -32,20 +32,14 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from pyro_langevin.checks import P_VALUE, ppc_pvalues, psth_correlation, randomized_pit
 from pyro_langevin.console import Session, run_command
 from pyro_langevin.data.lorenz import make_lorenz
 from pyro_langevin.guides import GRUGuide
 from pyro_langevin.metrics import rate_r2
 from pyro_langevin.models import LangevinFlow
 from pyro_langevin.options import ArgumentParser, OptionError, add_run_arguments, check_run_options, positive_int
-from pyro_langevin.ppc_plots import (
-    P_VALUE,
-    plot_credible_intervals,
-    ppc_pvalues,
-    psth_correlation,
-    randomized_pit,
-    save_ppc_figures,
-)
+from pyro_langevin.plots import plot_credible_intervals, save_ppc_figures
 from pyro_langevin.predictive import credible_intervals, predictive_checks, save_netcdf
 from pyro_langevin.training import FitConfig, fit, load_checkpoint
 

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 from pyro_langevin import __version__
 from pyro_langevin.console import Session, run_command
-from pyro_langevin.data.nlb import BIN_SIZES, DANDISETS, PHASES
+from pyro_langevin.nlb.data import BIN_SIZES, DANDISETS, PHASES
 from pyro_langevin.options import (
     EXIT_BAD_INPUT,
     ArgumentParser,
@@ -52,7 +52,7 @@ def add_nlb_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="'val' (score locally) or 'test' (submission only); default val")
     add_run_arguments(p, "nlb/DATASET-BINms-PHASE", "training epochs (default: per-dataset config)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a configuration field (pyro_langevin.configs.NLBConfig), e.g. --set latent_dim=32")
+                   help="override a configuration field (pyro_langevin.nlb.config.NLBConfig), e.g. --set latent_dim=32")
     p.add_argument("--cv", type=positive_int, default=None, metavar="K",
                    help="K-fold cross-validation over the training trials instead of a submission run: each "
                         "fold's model is scored on trials that chose nothing (writes cv.json and the K fold "
@@ -81,7 +81,7 @@ def _nlb(args: argparse.Namespace, session: Session) -> None:
     if cfg.n_models > 1:
         session.interrupt_note = lambda: (f"interrupted; each member's checkpoint is in {run.out}/member*/checkpoints; "
                                           "rerun with --resume")
-    from pyro_langevin.nlb_pipeline import format_table, run_nlb  # heavy: after the checks
+    from pyro_langevin.nlb.pipeline import format_table, run_nlb  # heavy: after the checks
 
     workers = args.workers or min(cfg.n_models, os.cpu_count() or 1)
     metrics = run_nlb(args.dataset, args.data_dir, args.bin_ms, args.phase, run.out, device=run.device,
@@ -98,7 +98,7 @@ def _cross_validate(args: argparse.Namespace, cfg, run) -> None:
         raise OptionError(f"--cv needs K >= 2 folds, got {args.cv}")
     if args.resume:
         raise OptionError("--cv runs cannot be resumed; start afresh with --overwrite")
-    from pyro_langevin.nlb_cv import cross_validate, format_cv_table  # heavy: after the checks
+    from pyro_langevin.nlb.cv import cross_validate, format_cv_table  # heavy: after the checks
 
     workers = args.workers or min(args.cv * cfg.n_models, os.cpu_count() or 1)
     result = cross_validate(args.dataset, args.data_dir, args.bin_ms, args.phase, run.out, k=args.cv, seed=args.seed,

@@ -6,7 +6,7 @@ import numpy as np
 from scipy.special import gammaln
 from sklearn.metrics import r2_score
 
-__all__ = ["rate_r2", "bits_per_spike"]
+__all__ = ["rate_r2", "bits_per_spike", "nlb_bits_per_spike"]
 
 
 def _flat(x, name: str) -> np.ndarray:
@@ -32,19 +32,43 @@ def bits_per_spike(rates, spikes) -> float:
     """Poisson log-likelihood of ``rates`` above each neuron's mean rate, in bits per spike.
 
     ``(LL(rates) - LL(mean rate per neuron)) / (total spikes * ln 2)``, the NLB co-bps definition.
+    Entries where ``spikes`` is NaN (not observed) are left out of both terms and of the means, and
+    the rates there are never read. With ``nlb_tools`` installed its own ``bits_per_spike`` computes
+    the number; without it :func:`nlb_bits_per_spike` gives the same value (zero rates count as
+    1e-9, as in nlb_tools), so results never depend on whether nlb_tools is installed.
+
+    Parameters
+    ----------
+    rates, spikes : array, shape (trial, time, neuron)
+        Expected counts per bin, and the observed counts (NaN where unobserved).
     """
     r, s = _flat(rates, "rates"), _flat(spikes, "spikes")
     if r.shape != s.shape:
         raise ValueError(f"shapes differ: rates {np.shape(rates)} vs spikes {np.shape(spikes)}")
-    if np.any(r < 0) or not np.all(np.isfinite(r)):
-        raise ValueError("rates must be finite and non-negative")
-    n_spikes = s.sum()
-    if n_spikes == 0:
+    seen = ~np.isnan(s)
+    if np.any(r[seen] < 0) or not np.all(np.isfinite(r[seen])):
+        raise ValueError("rates must be finite and non-negative where spikes are observed")
+    if np.nansum(s) == 0:
         raise ValueError("bits_per_spike is undefined with no spikes")
+    r = np.where(seen, r, 1.0)  # never read: keeps nlb_tools' NaN-rate assertion quiet
+    try:
+        from nlb_tools.evaluation import bits_per_spike as nlb_bps
+    except ImportError:
+        nlb_bps = nlb_bits_per_spike
+    return float(nlb_bps(r, s))
 
-    def loglik(lam):
-        lam = np.clip(lam, 1e-9, None)
-        return np.sum(s * np.log(lam) - lam - gammaln(s + 1))
 
-    null = np.broadcast_to(s.mean(axis=0, keepdims=True), s.shape)
-    return float((loglik(r) - loglik(null)) / (n_spikes * np.log(2)))
+def nlb_bits_per_spike(rates: np.ndarray, spikes: np.ndarray) -> float:
+    """nlb_tools' bits per spike, without nlb_tools: NaN spikes ignored, zero rates set to 1e-9.
+
+    The null model predicts each neuron's mean count over the observed entries (all axes but the
+    last), as ``nlb_tools.evaluation.bits_per_spike`` does.
+    """
+    seen = ~np.isnan(spikes)
+    null = np.broadcast_to(np.nanmean(spikes, axis=tuple(range(spikes.ndim - 1)), keepdims=True), spikes.shape)
+
+    def nll(lam: np.ndarray) -> float:
+        lam, n = np.where(lam == 0, 1e-9, lam)[seen], spikes[seen]
+        return float(np.sum(lam - n * np.log(lam) + gammaln(n + 1.0)))
+
+    return (nll(null) - nll(rates)) / np.nansum(spikes) / np.log(2)

@@ -320,15 +320,15 @@ def one_line(exc: BaseException) -> str:
 
 def check_nlb_config(dataset: str, bin_ms: int, phase: str, *, quick: bool = False, epochs: Optional[int] = None,
                      overrides: Sequence[str] = (), seed: int = 0):
-    """The :class:`~pyro_langevin.configs.NLBConfig` of an NLB run, every field checked.
+    """The :class:`~pyro_langevin.nlb.config.NLBConfig` of an NLB run, every field checked.
 
-    The per-dataset default (:func:`~pyro_langevin.configs.default_config`), then ``--set``
+    The per-dataset default (:func:`~pyro_langevin.nlb.config.default_config`), then ``--set``
     overrides (typed by :func:`parse_overrides`), then ``epochs``. The training fields must make a
     valid :class:`~pyro_langevin.training.FitConfig` and the model fields a model.
     """
-    from pyro_langevin.configs import default_config
-    from pyro_langevin.data.nlb import check_args
-    from pyro_langevin.nlb_pipeline import build_model
+    from pyro_langevin.nlb.config import default_config
+    from pyro_langevin.nlb.data import check_args
+    from pyro_langevin.nlb.pipeline import build_model
     from pyro_langevin.training import FitConfig
 
     check_args(dataset, bin_ms, phase)

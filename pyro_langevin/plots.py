@@ -1,17 +1,40 @@
-"""Figures for fitted models (matplotlib, written to files; no display needed)."""
+"""Figures (matplotlib, written to files; no display needed): fitted rates and latents, and the
+predictive checks of :mod:`pyro_langevin.checks`.
+
+Predictive-check figures (each returns a ``Figure``): hanging rootogram with a predictive band,
+PSTH with credible bands, per-neuron Fano factor observed vs predicted, PIT histogram and ECDF
+difference, plus ArviZ's own ``plot_ppc`` and ``plot_bpv`` where the data allow them (no
+unobserved entries). :func:`save_ppc_figures` writes them all as PNG.
+"""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 import matplotlib
 
-matplotlib.use("Agg")
+matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_rates_and_latents"]
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    import arviz as az  # noqa: E402
+
+from pyro_langevin.checks import neuron_statistics, observed_and_draws, psth, randomized_pit  # noqa: E402
+
+__all__ = [
+    "plot_rates_and_latents",
+    "plot_rootogram",
+    "plot_psth",
+    "plot_fano",
+    "plot_pit",
+    "plot_credible_intervals",
+    "save_ppc_figures",
+]
+
 
 
 def _top_components(x: np.ndarray, k: int = 3) -> np.ndarray:
@@ -100,3 +123,227 @@ def _latent_panel(ax, paths: np.ndarray, trials: Sequence[int], colours: Sequenc
     ax.tick_params(labelsize=7)
     ax.set_title(title + " (dot: start)", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
+
+
+def _ax(ax, figsize=(5, 3.5)):
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize)
+        return fig, ax
+    return ax.figure, ax
+
+
+def plot_rootogram(
+    idata: az.InferenceData, group: str = "posterior_predictive", max_count: Optional[int] = None,
+    prob: float = 0.9, ax=None,
+):
+    """Hanging rootogram of the spike-count distribution (all observed entries pooled).
+
+    Bars of height ``sqrt(observed frequency)`` hang from the curve ``sqrt(expected frequency)``
+    (predictive mean); the shaded band is the ``prob`` interval of ``sqrt(frequency)`` over draws.
+    A bar ending below zero means the count is under-predicted, above zero over-predicted.
+    """
+    obs, draws = observed_and_draws(idata, group)
+    ok = ~np.isnan(obs)
+    y, rep = obs[ok].astype(int), draws[:, ok].astype(int)
+    kmax = int(max_count if max_count is not None else max(y.max(), np.quantile(rep, 0.999)))
+    ks = np.arange(kmax + 1)
+    f_obs = np.array([(y == k).sum() for k in ks], dtype=float)
+    f_rep = np.stack([np.bincount(np.clip(r, 0, kmax + 1), minlength=kmax + 2)[: kmax + 1] for r in rep]).astype(float)
+    exp_ = np.sqrt(f_rep.mean(axis=0))
+    lo, hi = np.quantile(np.sqrt(f_rep), [(1 - prob) / 2, (1 + prob) / 2], axis=0)
+    fig, ax = _ax(ax)
+    ax.bar(ks, np.sqrt(f_obs), bottom=exp_ - np.sqrt(f_obs), width=0.8, color="0.75", label="observed (hanging)")
+    ax.fill_between(ks, lo, hi, alpha=0.3, color="C0", step=None, label=f"{int(prob * 100)}% predictive")
+    ax.plot(ks, exp_, "o-", color="C0", label="predicted")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel("spike count per bin")
+    ax.set_ylabel("sqrt(frequency)")
+    ax.set_title(f"Rootogram ({group.replace('_', ' ')})")
+    ax.legend(fontsize=8, loc="upper right")
+    return fig
+
+
+def plot_psth(
+    idata: az.InferenceData, group: str = "posterior_predictive", neurons: Optional[Sequence[int]] = None,
+    conditions: Optional[Sequence] = None, condition: Optional[object] = None, prob: float = 0.9,
+):
+    """PSTH of a few neurons: observed vs the predictive mean with a ``prob`` credible band.
+
+    With ``conditions`` (a label per trial) the PSTH of one ``condition`` (default: the first)
+    is shown, otherwise the mean over all trials.
+    """
+    obs, draws = observed_and_draws(idata, group)
+    if conditions is not None:
+        labels = np.asarray(conditions)
+        condition = np.unique(labels)[0] if condition is None else condition
+        keep = labels == condition
+        obs, draws = obs[keep], draws[:, keep]
+    o, r = psth(obs), psth(draws)  # (time, neuron), (S, time, neuron)
+    with warnings.catch_warnings():  # bins with no observed entries (forward bins) are all NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanquantile(r, [(1 - prob) / 2, (1 + prob) / 2], axis=0)
+        mean = np.nanmean(r, axis=0)
+    neurons = list(range(min(6, o.shape[-1]))) if neurons is None else list(neurons)
+    ncol = min(3, len(neurons))
+    nrow = int(np.ceil(len(neurons) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.4 * nrow), squeeze=False, sharex=True)
+    t = np.arange(o.shape[0])
+    for ax, n in zip(axes.flat, neurons):
+        ax.fill_between(t, lo[:, n], hi[:, n], color="C0", alpha=0.3, label=f"{int(prob * 100)}% band")
+        ax.plot(t, mean[:, n], color="C0", label="predicted")
+        ax.plot(t, o[:, n], color="k", lw=1, label="observed")
+        ax.set_title(f"neuron {n}", fontsize=9)
+    for ax in axes.flat[len(neurons):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8, loc="upper right")
+    fig.supxlabel("time bin")
+    fig.supylabel("mean count per bin")
+    title = f"PSTH ({group.replace('_', ' ')})" + ("" if conditions is None else f", condition {condition}")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_fano(idata: az.InferenceData, group: str = "posterior_predictive", prob: float = 0.9, ax=None):
+    """Per-neuron Fano factor (variance / mean over observed bins): observed vs predicted interval."""
+    obs, draws = observed_and_draws(idata, group)
+    f_obs = neuron_statistics(obs)["fano"]
+    f_rep = neuron_statistics(draws)["fano"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(f_rep, axis=0)
+        lo, hi = np.nanquantile(f_rep, [(1 - prob) / 2, (1 + prob) / 2], axis=0)
+    fig, ax = _ax(ax, (4, 4))
+    ax.errorbar(f_obs, med, yerr=[med - lo, hi - med], fmt="o", ms=3, color="C0", alpha=0.8, label="one neuron")
+    both = np.concatenate([f_obs[np.isfinite(f_obs)], hi[np.isfinite(hi)]])
+    lim = [min(1.0, both.min()) * 0.95, both.max() * 1.05] if both.size else [0, 2]
+    ax.plot(lim, lim, "k--", lw=0.8, label="predicted = observed")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_xlabel("observed Fano factor")
+    ax.set_ylabel(f"predicted Fano factor (median, {int(prob * 100)}%)")
+    ax.set_title(f"Fano factor per neuron ({group.replace('_', ' ')})", fontsize=10)
+    return fig
+
+
+def plot_pit(idata: az.InferenceData, group: str = "posterior_predictive", seed: int = 0, bins: int = 20):
+    """Randomized PIT: histogram and ECDF minus the uniform CDF, with a 95% DKW band."""
+    u = randomized_pit(idata, group, seed)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
+    a1.hist(u, bins=bins, range=(0, 1), density=True, color="0.7")
+    a1.axhline(1, color="k", lw=0.8)
+    a1.set_xlabel("randomized PIT")
+    a1.set_ylabel("density")
+    grid = np.linspace(0, 1, 201)
+    ecdf = np.searchsorted(np.sort(u), grid, side="right") / u.size
+    eps = np.sqrt(np.log(2 / 0.05) / (2 * u.size))
+    a2.fill_between(grid, -eps, eps, color="C0", alpha=0.2, label="95% band (DKW)")
+    a2.plot(grid, ecdf - grid, color="C0")
+    a2.axhline(0, color="k", lw=0.8)
+    a2.set_xlabel("u")
+    a2.set_ylabel("ECDF(u) - u")
+    a2.legend(fontsize=8, loc="upper right")
+    fig.suptitle(f"PIT ({group.replace('_', ' ')}, {u.size} counts)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_credible_intervals(
+    summary, trial: int = 0, units: Optional[Sequence[int]] = None, truth: Optional[np.ndarray] = None,
+    label: str = "rate (counts/bin)", unit_name: str = "neuron",
+):
+    """Posterior mean and credible band over time for a few units of one trial.
+
+    Parameters
+    ----------
+    summary : pyro_langevin.predictive.CredibleSummary
+        Arrays (trial, time, unit) from :func:`~pyro_langevin.predictive.credible_intervals`.
+    trial : int
+        Row of the trial to show.
+    units : sequence of int, optional
+        Neurons or latent dimensions (default: the first four).
+    truth : ndarray (trial, time, unit), optional
+        Ground truth to overlay (e.g. the true Lorenz rates).
+    label : str
+        y-axis label.
+    unit_name : str
+        What a unit is, for the panel titles: ``"neuron"`` (rates) or ``"latent"`` (latent states).
+    """
+    mean, lo, hi = summary.mean[trial], summary.lower[trial], summary.upper[trial]
+    units = list(range(min(4, mean.shape[-1]))) if units is None else list(units)
+    fig, axes = plt.subplots(1, len(units), figsize=(3.0 * len(units), 2.6), squeeze=False)
+    t = np.arange(mean.shape[0])
+    for ax, u in zip(axes[0], units):
+        ax.fill_between(t, lo[:, u], hi[:, u], color="C1", alpha=0.3, label=f"{int(summary.prob * 100)}% CI")
+        ax.plot(t, mean[:, u], color="C1", label="posterior mean")
+        if truth is not None:
+            ax.plot(t[: truth.shape[1]], truth[trial, :, u], "k--", lw=1, label="truth")
+        ax.set_title(f"{unit_name} {u}", fontsize=10)
+        ax.set_xlabel("time bin")
+    axes[0, 0].set_ylabel(label)
+    axes[0, 0].legend(fontsize=8, loc="upper right")
+    fig.suptitle(f"Posterior of trial {trial}: mean and {int(summary.prob * 100)}% credible interval", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _arviz_figures(idata: az.InferenceData, group: str) -> dict[str, object]:
+    """ArviZ's ``plot_ppc`` and ``plot_bpv`` on the spikes, when every entry is observed."""
+    if np.isnan(idata.observed_data["spikes"].values).any():
+        return {}  # ArviZ pools all entries; unobserved (NaN) ones would break its histograms
+    figs = {}
+    short = "posterior" if group.startswith("posterior") else "prior"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            n_draws = idata[group].sizes["chain"] * idata[group].sizes["draw"]
+            ax = np.ravel(az.plot_ppc(idata, group=short, var_names=["spikes"], kind="cumulative", observed=True,
+                                      num_pp_samples=min(50, n_draws), random_seed=0))[0]
+            ax.set_xlabel("spike count per bin")
+            ax.set_ylabel("fraction of bins with at most that count")
+            ax.set_title(f"ArviZ plot_ppc: count distribution, observed vs {group.replace('_', ' ')}")
+            figs["arviz_ppc"] = ax.figure
+        except Exception:  # pragma: no cover - depends on the ArviZ version
+            pass
+        if short == "posterior":
+            try:
+                ax = np.ravel(az.plot_bpv(idata, kind="t_stat", t_stat="mean", var_names=["spikes"]))[0]
+                ax.set_xlabel("mean spike count per bin, T (curve: draws T_rep; dot: observed T_obs)")
+                ax.set_ylabel("density of T_rep")
+                ax.set_title(f"ArviZ plot_bpv of the mean count: bpv = {P_VALUE}")
+                figs["arviz_bpv_mean"] = ax.figure
+            except Exception:  # pragma: no cover
+                pass
+    return figs
+
+
+def save_ppc_figures(
+    idata: az.InferenceData,
+    out_dir: Union[str, Path],
+    groups: Sequence[str] = ("prior_predictive", "posterior_predictive"),
+    conditions: Optional[Sequence] = None,
+    arviz_plots: bool = True,
+) -> dict[str, Path]:
+    """Write every figure of every available predictive group as PNG; return name -> path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for group in groups:
+        if group not in idata.groups():
+            continue
+        tag = "prior" if group.startswith("prior") else "posterior"
+        figs = {
+            "rootogram": plot_rootogram(idata, group),
+            "psth": plot_psth(idata, group, conditions=conditions),
+            "fano": plot_fano(idata, group),
+            "pit": plot_pit(idata, group),
+        }
+        if arviz_plots:
+            figs.update(_arviz_figures(idata, group))
+        for name, fig in figs.items():
+            path = out / f"{tag}_{name}.png"
+            with warnings.catch_warnings():  # ArviZ's legends use loc="best", slow only with huge data
+                warnings.filterwarnings("ignore", message="Creating legend with loc")
+                fig.savefig(path, dpi=110, bbox_inches="tight")
+            plt.close(fig)
+            written[f"{tag}_{name}"] = path
+    return written

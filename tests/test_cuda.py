@@ -130,7 +130,7 @@ def test_nlb_export_on_the_device(tmp_path):
     pytest.importorskip("nlb_tools")
     from nwb_factory import make_dandi_dataset
 
-    from pyro_langevin.nlb_pipeline import run_nlb
+    from pyro_langevin.nlb.pipeline import run_nlb
 
     root = tmp_path / "dandi"
     make_dandi_dataset(root, "mc_maze", n_train=24, n_val=8, n_test=4, n_heldin=10, n_heldout=4)

@@ -19,11 +19,11 @@ import torch
 
 from pyro_langevin.cli import main as cli_main
 from pyro_langevin.cli import nlb_main
-from pyro_langevin.configs import default_config
+from pyro_langevin.nlb.config import default_config
 from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.data.h5 import read_h5
 from pyro_langevin.data.lorenz import make_lorenz
-from pyro_langevin.data.nlb import nlbdata_from_dicts
+from pyro_langevin.nlb.data import nlbdata_from_dicts
 from pyro_langevin.guides import GRUGuide
 from pyro_langevin.models import LangevinFlow
 from pyro_langevin.options import OptionError, check_out, check_resume, parse_overrides
@@ -283,7 +283,7 @@ def test_progress_off_a_terminal_is_plain_and_throttled():
 
 
 def test_writing_a_submission_twice_logs_nothing(tmp_path, caplog):
-    from pyro_langevin.nlb_eval import RATE_KEYS, write_submission
+    from pyro_langevin.nlb.scoring import RATE_KEYS, write_submission
 
     rates = {k: np.ones((2, 2 if "forward" in k else 4, 3), np.float32) for k in RATE_KEYS}
     with caplog.at_level(logging.INFO):
@@ -318,7 +318,7 @@ def test_ablation_table_shows_sub_second_fit_times():
 def test_one_p_value_convention_with_arviz():
     import arviz as az
 
-    from pyro_langevin.ppc_plots import ppc_pvalues
+    from pyro_langevin.checks import ppc_pvalues
 
     rng = np.random.default_rng(0)
     observed = rng.poisson(2.0, size=(4, 6, 3)).astype(float)
@@ -333,7 +333,7 @@ def test_one_p_value_convention_with_arviz():
 
 def test_figures_name_their_panels(tmp_path):
     from pyro_langevin.plots import plot_rates_and_latents
-    from pyro_langevin.ppc_plots import plot_credible_intervals
+    from pyro_langevin.plots import plot_credible_intervals
     from pyro_langevin.predictive import CredibleSummary
 
     x = np.abs(np.random.default_rng(0).normal(size=(3, 10, 5)))

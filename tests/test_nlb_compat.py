@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from nwb_factory import write_nlb_nwb
-from pyro_langevin.data import nlb_compat
+from pyro_langevin.nlb import compat as nlb_compat
 
 REAL_NWB = Path(__file__).parent / "data" / "000140" / "sub-Jenkins" / "sub-Jenkins_ses-small_desc-test_ecephys.nwb"
 PANDAS3 = nlb_compat.pandas_major() >= 3
@@ -77,7 +77,7 @@ def test_resample_real_nwb_under_installed_pandas():
     # through our adapter the patches are applied when pandas needs them
     from nlb_tools.make_tensors import make_eval_input_tensors
 
-    from pyro_langevin.data.nlb import load_nwb_dataset
+    from pyro_langevin.nlb.data import load_nwb_dataset
 
     ds = load_nwb_dataset(REAL_NWB, 5)
     out = make_eval_input_tensors(ds, "mc_maze_small", "test", save_file=False)
@@ -146,3 +146,26 @@ def test_make_psth_same_with_and_without_patch(tmp_path):
         np.testing.assert_array_equal(ref["psth"], with_patch["psth"])
         for a, b in zip(ref["eval_cond_idx"], with_patch["eval_cond_idx"]):
             np.testing.assert_array_equal(np.asarray(a, int), np.asarray(b, int))
+
+
+def test_bits_per_spike_fallback_agrees_with_nlb_tools_on_nan_and_zero_rates():
+    """One bits_per_spike: ablation numbers must not depend on whether nlb_tools is installed."""
+    from nlb_tools.evaluation import bits_per_spike as nlb_bps
+
+    from pyro_langevin.metrics import bits_per_spike, nlb_bits_per_spike
+
+    rng = np.random.default_rng(0)
+    rates = rng.gamma(2.0, 0.5, size=(6, 20, 5))
+    spikes = rng.poisson(rates).astype(float)
+    spikes[0, :4, :] = np.nan  # unobserved entries, their rates must not matter
+    rates[0, :4, :] = np.nan
+    rates[1, 3, 2] = 0.0  # a zero rate: 1e-9 in both
+    spikes[1, 3, 2] = 0.0
+    expected = nlb_bps(np.where(np.isnan(spikes), 1.0, rates), spikes.copy())
+    assert np.isfinite(expected)
+    assert nlb_bits_per_spike(np.where(np.isnan(spikes), 1.0, rates), spikes) == pytest.approx(expected, rel=1e-12)
+    assert bits_per_spike(rates, spikes) == pytest.approx(expected, rel=1e-12)
+    bad = rates.copy()
+    bad[2, 0, 0] = -1.0  # observed entry
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        bits_per_spike(bad, spikes)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_langevin import nlb_cv, nlb_pipeline
+from pyro_langevin.nlb import cv as nlb_cv, pipeline as nlb_pipeline
 from pyro_langevin.data.errors import NLBDataError
-from pyro_langevin.data.nlb import load_nlb
-from pyro_langevin.data.rebin import rebin_counts, rebin_folder
+from pyro_langevin.nlb.data import load_nlb
+from pyro_langevin.nlb.rebin import rebin_counts, rebin_folder
 from pyro_langevin.data.splits import kfold_indices
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -139,7 +139,7 @@ def test_cli_cv_writes_cv_json_and_refuses_one_fold(tmp_path, capsys):
 
 def test_smoothing_baseline_chooses_its_penalty_on_training_trials():
     """At 20 ms nlb_tools' fixed alpha overfits 60 trials; the chosen one beats a constant rate."""
-    from pyro_langevin.nlb_eval import choose_glm_alpha
+    from pyro_langevin.nlb.baseline import choose_glm_alpha
     g = np.random.default_rng(0)
     x = g.normal(size=(30 * 20, 40))
     w = np.zeros((40, 3))

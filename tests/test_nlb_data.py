@@ -9,7 +9,7 @@ import torch
 from pyro_langevin.batch import Batch
 from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.data.h5 import write_h5
-from pyro_langevin.data.nlb import (
+from pyro_langevin.nlb.data import (
     build_training_batch, check_args, concat_batches, find_nwb_files, heldin_only, load_nlb,
     load_nwb_dataset, load_preprocessed, nlbdata_from_dicts, split_train_valid,
 )

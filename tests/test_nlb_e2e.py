@@ -9,11 +9,12 @@ import pytest
 from nwb_factory import make_dandi_dataset, write_nlb_nwb
 from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.data.h5 import read_h5
-from pyro_langevin.data.nlb import load_nlb, split_train_valid
-from pyro_langevin.nlb_eval import (
+from pyro_langevin.nlb.data import load_nlb, split_train_valid
+from pyro_langevin.nlb.scoring import (
     RateUnitsError, evaluate_submission, rates_to_full, score_eval, score_local, score_nlb,
-    smoothing_baseline, split_rates, write_submission,
+    split_rates, write_submission,
 )
+from pyro_langevin.nlb.baseline import smoothing_baseline
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,15 @@ import pytest
 import torch
 
 from nwb_factory import make_dandi_dataset, write_nlb_nwb
-from pyro_langevin import nlb_pipeline
+from pyro_langevin.nlb import pipeline as nlb_pipeline
 from pyro_langevin.cli import main as cli_main
 from pyro_langevin.cli import nlb_main
-from pyro_langevin.configs import REFERENCE, default_config, gamma_from_reference
+from pyro_langevin.nlb.config import REFERENCE, default_config, gamma_from_reference
 from pyro_langevin.data.errors import NLBDataError
-from pyro_langevin.data.nlb import load_nlb
+from pyro_langevin.nlb.data import load_nlb
 from pyro_langevin.guides import GRUGuide
 from pyro_langevin.models import LangevinFlow
-from pyro_langevin.nlb_eval import evaluate_submission, rates_to_full
+from pyro_langevin.nlb.scoring import evaluate_submission, rates_to_full
 from pyro_langevin.training import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,8 @@ from pyro_langevin.batch import make_batch
 from pyro_langevin.data.lorenz import make_lorenz
 from pyro_langevin.guides import GRUGuide, MeanFieldGuide
 from pyro_langevin.models import LangevinFlow
-from pyro_langevin.ppc_plots import ppc_pvalues, psth, psth_correlation, randomized_pit, save_ppc_figures
+from pyro_langevin.checks import ppc_pvalues, psth, psth_correlation, randomized_pit
+from pyro_langevin.plots import save_ppc_figures
 from pyro_langevin.predictive import (
     credible_intervals,
     posterior_predictive,

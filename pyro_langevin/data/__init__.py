@@ -1,9 +1,6 @@
-"""Data adapters: NLB'21 datasets (:mod:`pyro_langevin.data.nlb`) and their h5 tensor files."""
+"""Data that is not tied to one benchmark: the Lorenz generator, h5 tensor files, trial splits and
+the data errors. The Neural Latents Benchmark adapters live in :mod:`pyro_langevin.nlb`."""
 
 from pyro_langevin.data.errors import NLBDataError
-from pyro_langevin.data.nlb import (
-    NLBData, build_training_batch, heldin_only, load_nlb, load_preprocessed, split_train_valid,
-)
 
-__all__ = ["NLBData", "NLBDataError", "build_training_batch", "heldin_only", "load_nlb",
-           "load_preprocessed", "split_train_valid"]
+__all__ = ["NLBDataError"]

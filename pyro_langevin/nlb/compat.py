@@ -13,7 +13,7 @@ spots break or warn:
   will become scalar-like). Fix: for the duration of the call the trial table is a DataFrame
   subclass that turns a tuple operand of ``==`` into a Series over the columns.
 
-:func:`apply_patches` is called when :mod:`pyro_langevin.data.nlb` imports nlb_tools; it patches
+:func:`apply_patches` is called when :mod:`pyro_langevin.nlb.data` imports nlb_tools; it patches
 only when pandas >= 3 (or ``force=True``) and is idempotent. :func:`remove_patches` undoes it.
 Each replacement behaves like the original under pandas 2, which the tests check.
 """

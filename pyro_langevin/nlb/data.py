@@ -339,7 +339,7 @@ def _nlb_tools():
     except ImportError as exc:
         raise NLBDataError("loading NWB files needs nlb_tools: `pip install --no-deps nlb-tools` "
                            "plus pandas<3 and pynwb") from exc
-    from pyro_langevin.data import nlb_compat
+    from pyro_langevin.nlb import compat as nlb_compat
 
     nlb_compat.apply_patches()
     return nwb_interface, make_tensors

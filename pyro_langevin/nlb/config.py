@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from pyro_langevin.data.errors import NLBDataError
-from pyro_langevin.data.nlb import BIN_SIZES, DANDISETS
+from pyro_langevin.nlb.data import BIN_SIZES, DANDISETS
 
 __all__ = ["NLBConfig", "REFERENCE", "DEFAULTS", "default_config"]
 

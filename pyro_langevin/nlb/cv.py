@@ -12,7 +12,7 @@ Every accuracy number the project reports on real data comes from here. For fold
   on the same trials.
 
 With ``n_models = M > 1`` each fold trains the run's ensemble recipe on its other training trials
-(M members, member i validated on fold i of them; :func:`~pyro_langevin.nlb_pipeline.fold_members`),
+(M members, member i validated on fold i of them; :func:`~pyro_langevin.nlb.pipeline.fold_members`),
 so the score is that of the recipe ``run_nlb`` uses; each member is also scored alone.
 
 The summary gives mean and standard error over folds for the model, the baseline and their paired
@@ -33,12 +33,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from pyro_langevin.configs import NLBConfig
+from pyro_langevin.nlb.config import NLBConfig
 from pyro_langevin.data.errors import NLBDataError
-from pyro_langevin.data.nlb import NLBData, check_args, load_nlb
+from pyro_langevin.nlb.data import NLBData, check_args, load_nlb
 from pyro_langevin.data.splits import kfold_indices
-from pyro_langevin.nlb_eval import score_nlb, write_submission
-from pyro_langevin.nlb_pipeline import (
+from pyro_langevin.nlb.scoring import score_nlb, write_submission
+from pyro_langevin.nlb.pipeline import (
     MemberResult, MemberSpec, average_rates, fold_members, run_setup, score_smoothing_split, score_split,
     submission_rates, train_members,
 )
@@ -140,7 +140,7 @@ def cross_validate(
     Parameters
     ----------
     dataset, data_dir, bin_ms, phase
-        As :func:`~pyro_langevin.data.nlb.load_nlb` (``data`` replaces loading when given).
+        As :func:`~pyro_langevin.nlb.data.load_nlb` (``data`` replaces loading when given).
     out : path-like
         Output folder: ``cv.json``, ``submission.h5`` (the fold ensemble), ``fold{f}/checkpoints``.
     k : int
@@ -150,9 +150,9 @@ def cross_validate(
     seed : int
         Seeds the fold assignment, the inner splits, the fits and the posterior draws.
     config, overrides, epochs, quick
-        As :func:`~pyro_langevin.nlb_pipeline.run_nlb`.
+        As :func:`~pyro_langevin.nlb.pipeline.run_nlb`.
     device, threads, workers, progress, log
-        As :func:`~pyro_langevin.nlb_pipeline.run_nlb`; ``workers`` trains that many models at once
+        As :func:`~pyro_langevin.nlb.pipeline.run_nlb`; ``workers`` trains that many models at once
         (every fold's members are scheduled together).
 
     Returns

@@ -8,7 +8,7 @@ Rates are expected spike counts per bin (not Hz) everywhere. Three entry points:
 * :func:`write_submission` writes the nlb_tools submission h5, :func:`evaluate_submission` runs
   nlb_tools' own ``evaluate`` on it.
 
-:func:`smoothing_baseline` is the NLB spike-smoothing baseline in the same rates format.
+The spike-smoothing baseline, in the same rates format, is :mod:`pyro_langevin.nlb.baseline`.
 """
 
 from __future__ import annotations
@@ -16,29 +16,25 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import numpy as np
 import torch
 
 from pyro_langevin.batch import Batch
 from pyro_langevin.data.errors import NLBDataError
-from pyro_langevin.data.nlb import NLBData, check_args, group_name
-from pyro_langevin.smoothing import smooth_spikes
+from pyro_langevin.metrics import bits_per_spike
+from pyro_langevin.nlb.data import NLBData, check_args, group_name
 
 __all__ = [
-    "RATE_KEYS", "BASELINE_PARAMS", "RateUnitsError", "bits_per_spike", "check_rates",
+    "RATE_KEYS", "RateUnitsError", "check_rates", "masked_counts",
     "score_eval", "score_nlb", "score_local", "split_rates", "rates_to_full",
-    "smoothing_baseline", "fit_poisson_glm", "choose_glm_alpha", "GLM_ALPHAS", "write_submission", "evaluate_submission",
+    "write_submission", "evaluate_submission",
 ]
 
 #: Keys of a submission's rates dict (all (trial, time, neuron), counts per bin).
 RATE_KEYS = ("train_rates_heldin", "train_rates_heldout", "eval_rates_heldin", "eval_rates_heldout",
              "eval_rates_heldin_forward", "eval_rates_heldout_forward")
-#: nlb_tools' smoothing-baseline defaults per dataset: (kernel sd in ms, Poisson GLM alpha).
-BASELINE_PARAMS = {"mc_maze": (50, 0.01), "mc_rtt": (30, 0.1), "area2_bump": (30, 0.01),
-                   "dmfc_rsg": (60, 0.001), "mc_maze_large": (40, 0.1),
-                   "mc_maze_medium": (60, 0.1), "mc_maze_small": (60, 0.1)}
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -79,17 +75,6 @@ def check_rates(rates: ArrayLike, name: str, bin_ms: Optional[int] = None,
             f"{name}: mean rate {r.mean():.3g} per {bin_ms} ms bin is over 1000 Hz: rates must be "
             "expected counts per bin, not Hz")
     return r
-
-
-def bits_per_spike(rates: ArrayLike, spikes: ArrayLike) -> float:
-    """nlb_tools' bits per spike (NaN spikes ignored), on copies of the inputs."""
-    from nlb_tools.evaluation import bits_per_spike as _bps
-
-    r, s = _np(rates), _np(spikes)
-    if r.shape != s.shape:
-        raise NLBDataError(f"bits_per_spike: rates {r.shape} and spikes {s.shape} differ in shape")
-    r = np.where(np.isnan(s), 1.0, r)  # rates where there is no data do not count
-    return float(_bps(r, s))
 
 
 def _target_group(target: Mapping[str, Any], dataset: str, bin_ms: int) -> Mapping[str, Any]:
@@ -197,7 +182,7 @@ def rates_to_full(rates: Mapping[str, ArrayLike], prefix: str) -> np.ndarray:
     return obs
 
 
-def _masked_counts(batch: Batch) -> np.ndarray:
+def masked_counts(batch: Batch) -> np.ndarray:
     s = batch.target.detach().cpu().numpy().astype(np.float64)
     s[~batch.mask.detach().cpu().numpy()] = np.nan
     return s
@@ -218,7 +203,7 @@ def score_local(
         Predicted counts per bin for ``valid``, in the Batch target layout.
     valid : Batch
         Validation trials with held-out neurons and forward bins in ``target``
-        (from :func:`~pyro_langevin.data.nlb.split_train_valid`).
+        (from :func:`~pyro_langevin.nlb.data.split_train_valid`).
     rates_fit, fit : optional
         Rates and trials to fit the velocity decoder on (ridge from all rates to behaviour, as
         nlb_tools does); vel R^2 needs them and ``behavior`` on both batches.
@@ -233,7 +218,7 @@ def score_local(
     """
     from nlb_tools.evaluation import fit_and_eval_decoder
 
-    spikes = _masked_counts(valid)
+    spikes = masked_counts(valid)
     r = check_rates(rates_valid, "rates_valid", spikes=spikes)
     if r.shape != tuple(valid.target.shape):
         raise NLBDataError(f"rates_valid has shape {r.shape}, expected {tuple(valid.target.shape)}")
@@ -247,137 +232,13 @@ def score_local(
     if fwd.size and not np.isnan(fwd).all():
         out["fp-bps"] = bits_per_spike(r[:, t:, :], fwd)
     if rates_fit is not None and fit is not None and fit.behavior is not None and valid.behavior is not None:
-        rf = check_rates(rates_fit, "rates_fit", spikes=_masked_counts(fit))
+        rf = check_rates(rates_fit, "rates_fit", spikes=masked_counts(fit))
         flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
         bf = fit.behavior.detach().cpu().numpy().astype(np.float64)
         bv = valid.behavior.detach().cpu().numpy().astype(np.float64)
         out["vel R2"] = float(fit_and_eval_decoder(flat(rf[:, :t]), flat(bf), flat(r[:, :t]), flat(bv),
                                                    grid_search=grid_search))
     return out
-
-
-def fit_poisson_glm(x: np.ndarray, y: np.ndarray, alpha: float, max_iter: int = 200):
-    """Fit one Poisson GLM (log link) per column of ``y``, all at once; return a predict function.
-
-    Minimises sklearn ``PoissonRegressor``'s objective, ``mean(exp(eta) - y * eta) + alpha/2 ||w||^2``
-    per output (intercept unpenalised), with full-batch L-BFGS in torch: the same fit, but all
-    held-out neurons in one solve (sklearn fits them one by one, ~100x slower here).
-    """
-    xt = torch.as_tensor(x, dtype=torch.float64)
-    yt = torch.as_tensor(y, dtype=torch.float64)
-    mu, sd = xt.mean(0), xt.std(0).clamp_min(1e-8)  # standardise for conditioning; undone below
-    xs = (xt - mu) / sd
-    w = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.log(yt.mean(0).clamp_min(1e-8)).clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
-                            history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        eta = xs @ w + b  # fit in standardised coordinates, penalise the raw-scale weights
-        loss = (torch.exp(eta) - yt * eta).mean(0).sum() + 0.5 * alpha * (w / sd[:, None]).pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    w_raw = (w / sd[:, None]).detach()
-    b_raw = (b - (mu / sd) @ w).detach()
-
-    def predict(x_new: np.ndarray) -> np.ndarray:
-        eta = torch.as_tensor(x_new, dtype=torch.float64) @ w_raw + b_raw
-        return torch.exp(eta).numpy()
-
-    return predict
-
-
-#: Poisson GLM penalties tried by :func:`choose_glm_alpha` (nlb_tools' per-dataset values among them).
-GLM_ALPHAS = (1e-3, 1e-2, 0.1, 1.0, 10.0)
-
-
-def choose_glm_alpha(x: np.ndarray, y: np.ndarray, n_trials: int, alphas: Sequence[float] = GLM_ALPHAS,
-                     folds: int = 3, seed: int = 0) -> float:
-    """The GLM penalty with the best held-out Poisson likelihood, by K-fold over TRAINING trials.
-
-    ``x`` and ``y`` hold ``n_trials`` trials' rows in trial-major order (as :func:`smoothing_baseline`
-    flattens them); folds split whole trials. nlb_tools' fixed alpha (0.1 for MC_Maze_Small)
-    overfits when there are few samples per feature, e.g. 20 ms bins of a small dataset, where
-    its baseline then scores below a constant rate.
-    """
-    rows = x.shape[0] // n_trials
-    order = np.random.default_rng(seed).permutation(n_trials)
-    scores = []
-    for alpha in alphas:
-        nll = 0.0
-        for part in np.array_split(order, folds):
-            held = np.zeros(n_trials, dtype=bool)
-            held[part] = True
-            held_rows = np.repeat(held, rows)
-            # a shorter solve is enough to rank penalties; the chosen one is refitted in full
-            pred = fit_poisson_glm(x[~held_rows], y[~held_rows], alpha, max_iter=60)(x[held_rows])
-            nll += float(np.sum(pred - y[held_rows] * np.log(np.maximum(pred, 1e-12))))
-        scores.append(nll)
-    return float(alphas[int(np.argmin(scores))])
-
-
-def smoothing_baseline(
-    train: Batch,
-    eval: Batch,
-    bin_ms: int,
-    dataset: Optional[str] = None,
-    kern_sd_ms: Optional[float] = None,
-    alpha: Union[float, str, None] = None,
-) -> Dict[str, np.ndarray]:
-    """NLB spike-smoothing baseline, as rates (counts per bin) under :data:`RATE_KEYS`.
-
-    Held-in rates are Gaussian-smoothed held-in counts; held-out rates come from a Poisson GLM
-    per held-out neuron (:func:`fit_poisson_glm`, sklearn ``PoissonRegressor``'s objective), fitted
-    on the training trials from their log smoothed held-in counts; forward rates are each neuron's mean count per bin in the
-    training trials' forward window.
-
-    Parameters
-    ----------
-    train : Batch
-        Trials with held-out neurons (and forward bins) observed; only they fit the GLM.
-    eval : Batch
-        Trials to predict (only their ``input`` is read).
-    bin_ms : int
-    dataset : str, optional
-        Picks nlb_tools' default kernel width and alpha (:data:`BASELINE_PARAMS`).
-    kern_sd_ms : float, optional
-        Override the kernel width (default nlb_tools' per dataset, 60 ms without a dataset).
-    alpha : float or "cv", optional
-        The GLM penalty. Default ``"cv"``: chosen among :data:`GLM_ALPHAS` by 3-fold
-        cross-validation over ``train``'s trials (:func:`choose_glm_alpha`); a number fixes it
-        (nlb_tools' recipe uses :data:`BASELINE_PARAMS`).
-    """
-    sd, _ = BASELINE_PARAMS.get(dataset, (60, 0.1))
-    sd = kern_sd_ms if kern_sd_ms is not None else sd
-    alpha = "cv" if alpha is None else alpha
-    t, n_in = train.n_observed_bins, train.n_heldin
-    tgt = _masked_counts(train)
-    if np.isnan(tgt[:, :t, n_in:]).any():
-        raise NLBDataError("smoothing_baseline: training trials must have all held-out counts observed")
-    sm_tr = smooth_spikes(train.input.cpu().numpy(), sd / bin_ms)
-    sm_ev = smooth_spikes(eval.input.cpu().numpy(), sd / bin_ms)
-    feats = lambda x: np.log(x.reshape(-1, n_in) + 1e-4)  # noqa: E731
-    x_tr, x_ev = feats(sm_tr), feats(sm_ev)
-    y_tr = tgt[:, :t, n_in:].reshape(-1, train.n_heldout)
-    a = choose_glm_alpha(x_tr, y_tr, train.n_trials) if alpha == "cv" else float(alpha)
-    predict = fit_poisson_glm(x_tr, y_tr, a)
-    pred_tr, pred_ev = predict(x_tr), predict(x_ev)
-    fwd = tgt[:, t:, :]
-    mean_fwd = np.nanmean(fwd, axis=(0, 1)) if fwd.size and not np.isnan(fwd).all() \
-        else np.nanmean(tgt[:, :t, :], axis=(0, 1))
-    n_ev, f = eval.n_trials, eval.n_forward_bins
-    floor = 1e-6
-    return {
-        "train_rates_heldin": np.maximum(sm_tr, floor),
-        "train_rates_heldout": np.maximum(pred_tr.reshape(train.n_trials, t, -1), floor),
-        "eval_rates_heldin": np.maximum(sm_ev, floor),
-        "eval_rates_heldout": np.maximum(pred_ev.reshape(n_ev, t, -1), floor),
-        "eval_rates_heldin_forward": np.tile(np.maximum(mean_fwd[:n_in], floor), (n_ev, f, 1)),
-        "eval_rates_heldout_forward": np.tile(np.maximum(mean_fwd[n_in:], floor), (n_ev, f, 1)),
-    }
 
 
 def write_submission(path: Union[str, os.PathLike], dataset: str, bin_ms: int,

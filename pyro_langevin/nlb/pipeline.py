@@ -2,7 +2,7 @@
 
 :func:`run_nlb` is the whole pipeline (``examples/nlb.py`` and ``pyro-langevin nlb`` call it):
 
-1. :func:`~pyro_langevin.data.nlb.load_nlb` (NWB through nlb_tools, or preprocessed h5 folders).
+1. :func:`~pyro_langevin.nlb.data.load_nlb` (NWB through nlb_tools, or preprocessed h5 folders).
 2. :func:`fold_members`: validation data are carved from the TRAINING trials only: a random split
    for one model, fold i of K for ensemble member i. A member's fitting batch
    (:meth:`MemberSpec.training_batch`) holds its other training trials in full (held-in and
@@ -17,14 +17,14 @@
    model) or ``{out}/member{i}/checkpoints``; then :func:`load_best` loads ``best.pt`` explicitly
    (also after a resumed run) and :func:`export_rates` averages ``n_samples`` (default 50)
    posterior draws: expected counts per bin for the training and evaluation trials.
-5. :func:`average_rates` over the members; scores through :mod:`pyro_langevin.nlb_eval` for the
+5. :func:`average_rates` over the members; scores through :mod:`pyro_langevin.nlb.scoring` for the
    model and the smoothing baseline, in the same run: on each member's validation split
    (``local``: co-bps, fp-bps, vel R^2; optimistic, since those trials chose the checkpoint) and,
    when the eval target is known (phase ``val``), on the evaluation trials (``eval``: co-bps,
    fp-bps, vel R^2, psth R^2, tp corr as the dataset allows).
 6. ``submission.h5`` (and ``submission_smoothing.h5``) in nlb_tools' format, for both phases.
 
-Accuracy estimates come from :mod:`pyro_langevin.nlb_cv` (cross-validation of this recipe).
+Accuracy estimates come from :mod:`pyro_langevin.nlb.cv` (cross-validation of this recipe).
 """
 
 from __future__ import annotations
@@ -43,17 +43,18 @@ import pyro
 import torch
 
 from pyro_langevin.batch import Batch
-from pyro_langevin.configs import NLBConfig, default_config
+from pyro_langevin.nlb.config import NLBConfig, default_config
 from pyro_langevin.data.errors import NLBDataError
-from pyro_langevin.data.nlb import NLBData, check_args, load_nlb
+from pyro_langevin.nlb.data import NLBData, check_args, load_nlb
 from pyro_langevin.data.splits import build_training_batch, kfold_indices, split_train_valid
 from pyro_langevin.guides.base import StepwiseGuide
 from pyro_langevin.guides.bigru import BiGRUGuide
 from pyro_langevin.guides.gru import GRUGuide
 from pyro_langevin.models.langevin_flow import LangevinFlow
-from pyro_langevin.nlb_eval import (
-    rates_to_full, score_local, score_nlb, smoothing_baseline, split_rates, write_submission,
+from pyro_langevin.nlb.scoring import (
+    rates_to_full, score_local, score_nlb, split_rates, write_submission,
 )
+from pyro_langevin.nlb.baseline import smoothing_baseline
 from pyro_langevin.posterior import posterior_rates
 from pyro_langevin.training import FitConfig, default_device, fit, load_checkpoint
 
@@ -273,7 +274,7 @@ def train_member(
 
     The rates (counts per bin, mean of ``cfg.n_samples`` draws) come from ``best.pt``, never
     from the last epoch, for every training and evaluation trial (see
-    :func:`~pyro_langevin.nlb_pipeline.export_rates`).
+    :func:`~pyro_langevin.nlb.pipeline.export_rates`).
     """
     dev = torch.device(device)
     if dev.type == "cpu" and threads:
@@ -401,7 +402,7 @@ def run_nlb(
     Parameters
     ----------
     dataset, data_dir, bin_ms, phase
-        As :func:`~pyro_langevin.data.nlb.load_nlb`.
+        As :func:`~pyro_langevin.nlb.data.load_nlb`.
     out : path-like
         Output folder: ``metrics.json``, ``submission.h5``, ``submission_smoothing.h5``,
         ``checkpoints/{best,last}.pt``.
@@ -412,13 +413,13 @@ def run_nlb(
     seed : int
         Seeds the validation split, the fit and the posterior draws.
     quick : bool
-        Smoke-test configuration (:func:`~pyro_langevin.configs.default_config`).
+        Smoke-test configuration (:func:`~pyro_langevin.nlb.config.default_config`).
     config : NLBConfig, optional
         Overrides the per-dataset default entirely (``epochs`` still applies).
     resume : bool
         Continue from ``{out}/checkpoints/last.pt`` when it exists.
     overrides : dict, optional
-        :class:`~pyro_langevin.configs.NLBConfig` fields to change (after ``config``/defaults).
+        :class:`~pyro_langevin.nlb.config.NLBConfig` fields to change (after ``config``/defaults).
     threads : int, optional
         ``torch.set_num_threads`` on CPU; default 1 (this model is many small sequential ops:
         more threads do not help and, on a loaded machine, slow it down many times over).
