@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import pyro
 import pyro.distributions as dist
+from pyro import poutine
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -24,6 +25,7 @@ from torch.nn import functional as F
 from pyro_langevin.batch import Batch
 from pyro_langevin.inputs import encoder_features
 from pyro_langevin.models.langevin_flow import LangevinFlow, velocity_site
+from pyro_langevin.registration import PyroRegistered, traced_value
 from pyro_langevin.transition import TransitionOutput
 
 __all__ = ["StepwiseGuide", "EncoderGuide", "GRUEncoder", "InitialStateHead", "ForceHead", "shifted_prior"]
@@ -32,8 +34,12 @@ __all__ = ["StepwiseGuide", "EncoderGuide", "GRUEncoder", "InitialStateHead", "F
 _SOFTPLUS_ONE = math.log(math.e - 1.0)
 
 
-class StepwiseGuide(nn.Module):
+class StepwiseGuide(PyroRegistered):
     """Base class: the per-step loop over ``z_0``, ``v_0``, ``v_1 .. v_{T+F-1}``.
+
+    Every call registers the guide's own parameters with Pyro under its ``pyro_name`` (see
+    :mod:`pyro_langevin.registration`), so ``pyro.infer.SVI`` trains them; the model registers its
+    own when it runs.
 
     Parameters
     ----------
@@ -45,6 +51,23 @@ class StepwiseGuide(nn.Module):
     def __init__(self, model: LangevinFlow) -> None:
         super().__init__()
         self.__dict__["prior"] = model
+        self.samples_initial = True
+
+    def steps_only(self) -> "StepwiseGuide":
+        """Leave ``z_0`` and ``v_0`` to another guide part; sample ``v_1 ..`` only. Returns ``self``.
+
+        For a composite guide whose other part owns the initial state::
+
+            guide = AutoGuideList(model)
+            guide.append(AutoNormal(poutine.block(model, expose=["z_0", "v_0"])))
+            guide.append(GRUGuide(model, n_heldin).steps_only())
+
+        The per-step laws still condition on the sampled ``z_0``, ``v_0``, read from the enclosing
+        trace (:func:`~pyro_langevin.registration.traced_value`), so the parts together are the
+        joint ``q(z_0, v_0) prod_t q(v_t | z_{t-1}, v_{t-1})`` and the ELBO stays valid.
+        """
+        self.samples_initial = False
+        return self
 
     # ----- what subclasses say ---------------------------------------------------------------
     def prepare(self, batch: Batch) -> Any:
@@ -66,14 +89,26 @@ class StepwiseGuide(nn.Module):
 
     # ----- the loop ----------------------------------------------------------------------------
     def forward(self, batch: Batch) -> None:
-        """Sample every latent site of ``self.prior`` for ``batch`` (observed and forward bins)."""
+        """Sample every latent site of ``self.prior`` for ``batch`` (observed and forward bins), all
+        but ``z_0`` and ``v_0`` after :meth:`steps_only`."""
+        self.register_params()
         model = self.prior
         ctx = self.prepare(batch)
-        q_z0, q_v0 = self.initial(ctx, batch)
         n_obs = batch.n_observed_bins
-        with pyro.plate("trials", batch.n_trials, dim=-1):
-            z = pyro.sample("z_0", q_z0)
-            v = pyro.sample(velocity_site(0), q_v0)
+        if self.samples_initial:
+            trials = pyro.plate("trials", batch.n_trials, dim=-1)
+        else:
+            # The part that sampled z_0 has recorded the plate's site in this trace already; a second
+            # plate of the same name must not record it again (it would clash with that site).
+            with poutine.block():
+                trials = pyro.plate("trials", batch.n_trials, dim=-1)
+        with trials:
+            if self.samples_initial:
+                q_z0, q_v0 = self.initial(ctx, batch)
+                z = pyro.sample("z_0", q_z0)
+                v = pyro.sample(velocity_site(0), q_v0)
+            else:
+                z, v = traced_value("z_0"), traced_value(velocity_site(0))
             transition = model.transition_fn()
             for t in pyro.markov(range(1, batch.n_bins)):
                 prior = transition(z, v)

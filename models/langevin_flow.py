@@ -9,11 +9,11 @@ from typing import Any, Optional
 import pyro
 import pyro.distributions as dist
 import torch
-from torch import nn
 
 from pyro_langevin.batch import Batch
 from pyro_langevin.decoder import TransformerDecoder
 from pyro_langevin.potentials import Potential, make_potential
+from pyro_langevin.registration import PyroRegistered
 from pyro_langevin.transition import LangevinParams, Transition, TransitionOutput, langevin_transition, make_transition
 
 __all__ = ["LangevinFlow", "velocity_site", "STABLE_OMEGA_DT"]
@@ -31,13 +31,19 @@ def velocity_site(t: int) -> str:
     return f"v_{t}"
 
 
-class LangevinFlow(nn.Module):
+class LangevinFlow(PyroRegistered):
     """The generative model: ``z_0, v_0 ~ N(0, I)``, Langevin transitions, Poisson observations.
 
     Sample sites: ``z_0``, ``v_0``, ``v_1`` ... ``v_{T+F-1}`` (one per bin, inside
     ``pyro.markov``), and the observed ``spikes``; deterministic sites ``z`` (trial, time, D),
     ``v`` and ``rates`` (trial, time, neuron; expected counts per bin). Rates depend on the latent
     path only, so prior predictive sampling is meaningful.
+
+    Every call registers the parameters with Pyro's param store under the instance's own
+    ``pyro_name`` (see :mod:`pyro_langevin.registration`), so plain ``pyro.infer.SVI`` with a
+    ``pyro.optim`` optimiser trains them, and ``poutine`` handlers, ``Predictive`` and autoguides
+    apply unchanged. Interventions act on the sample sites: ``poutine.do(model, {"z_0": z, "v_0": v})``
+    starts every trial from a chosen state; clamping every ``v_t`` makes the path deterministic.
 
     Parameters
     ----------
@@ -129,6 +135,7 @@ class LangevinFlow(nn.Module):
         Give a :class:`Batch` to condition on its ``target`` under its ``mask``; give ``n_trials``
         and ``n_bins`` instead to sample from the prior predictive.
         """
+        self.register_params()
         if batch is not None:
             if batch.n_neurons != self.n_neurons:
                 raise ValueError(f"batch has {batch.n_neurons} neurons but the model was built for {self.n_neurons}")
