@@ -35,14 +35,15 @@ from pyro_langevin.options import (
     check_run_options,
 )
 
-__all__ = ["main", "nlb_main", "add_nlb_arguments"]
+__all__ = ["main", "nlb_main", "add_nlb_arguments", "add_nlb_data_arguments"]
 
 
 def _choices(values) -> str:
     return "{" + ",".join(str(v) for v in values) + "}"
 
 
-def add_nlb_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_nlb_data_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--dataset --data-dir --bin-ms --phase`` (shared by ``nlb`` and ``tune``)."""
     p.add_argument("--dataset", required=True, metavar=_choices(sorted(DANDISETS)),
                    help="NLB'21 dataset")
     p.add_argument("--data-dir", required=True, type=Path,
@@ -50,6 +51,11 @@ def add_nlb_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--bin-ms", type=int, default=5, metavar=_choices(BIN_SIZES), help="bin size in ms (default 5)")
     p.add_argument("--phase", default="val", metavar=_choices(PHASES),
                    help="'val' (score locally) or 'test' (submission only); default val")
+    return p
+
+
+def add_nlb_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    add_nlb_data_arguments(p)
     add_run_arguments(p, "nlb/DATASET-BINms-PHASE", "training epochs (default: per-dataset config)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a configuration field (pyro_langevin.nlb.config.NLBConfig), e.g. --set latent_dim=32")
@@ -118,13 +124,16 @@ def nlb_main(argv: Optional[Sequence[str]] = None, prog: str = "pyro-langevin nl
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``pyro-langevin``: dispatch to a subcommand."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"nlb": nlb_main}
+    from pyro_langevin.tune import tune_main
+
+    commands = {"nlb": nlb_main, "tune": tune_main}
     if argv and argv[0] == "--version":
         print(f"pyro-langevin {__version__}")
         return 0
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: pyro-langevin {nlb} ... | --version\n\n  nlb    train, score and submit LangevinFlow on an "
-              "NLB'21 dataset (pyro-langevin nlb --help)")
+        print("usage: pyro-langevin {nlb,tune} ... | --version\n\n  nlb    train, score and submit LangevinFlow on an "
+              "NLB'21 dataset (pyro-langevin nlb --help)\n  tune   search its configuration on Ray Tune "
+              "(pyro-langevin tune --help)")
         return 0 if argv else EXIT_BAD_INPUT
     if argv[0] not in commands:
         print(f"pyro-langevin: error: unknown command {argv[0]!r} (expected one of {sorted(commands)})",
