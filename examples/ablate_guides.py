@@ -146,7 +146,7 @@ def run_variant(name: str, data, args: argparse.Namespace, epochs: int, device, 
     guide = GUIDES[guide_name](model, train.n_heldin, n_total, train.n_observed_bins)
     config = FitConfig(
         epochs=epochs, batch_size=64, lr=5e-3, weight_decay=1e-5,
-        kl_ramp_epochs=max(1, epochs // 4), weight_decay_ramp_epochs=max(1, epochs // 4),
+        kl_ramp=0.25, weight_decay_ramp=0.25,
         val_every=max(1, epochs // 10), seed=args.seed,
     )
     amortized = guide_name != "meanfield"

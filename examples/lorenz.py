@@ -53,7 +53,7 @@ def run(args: argparse.Namespace, session: Session) -> dict:
     guide = GRUGuide(model, data.train.n_heldin, hidden=64)
     config = FitConfig(
         epochs=epochs, batch_size=100, lr=5e-3, weight_decay=1e-5,
-        kl_ramp_epochs=max(1, epochs // 4), weight_decay_ramp_epochs=max(1, epochs // 4),
+        kl_ramp=0.25, weight_decay_ramp=0.25,
         val_every=5 if not args.quick else 3, seed=args.seed,
     )
     t0 = time.perf_counter()

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from pyro_langevin.checkpoints import load_checkpoint
 from pyro_langevin.checks import P_VALUE, ppc_pvalues, psth_correlation, randomized_pit
 from pyro_langevin.console import Session, run_command
 from pyro_langevin.data.lorenz import make_lorenz
@@ -41,7 +42,7 @@ from pyro_langevin.models import LangevinFlow
 from pyro_langevin.options import ArgumentParser, OptionError, add_run_arguments, check_run_options, positive_int
 from pyro_langevin.plots import plot_credible_intervals, save_ppc_figures
 from pyro_langevin.predictive import credible_intervals, predictive_checks, save_netcdf
-from pyro_langevin.training import FitConfig, fit, load_checkpoint
+from pyro_langevin.training import FitConfig, fit
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace, session: Session) -> dict[str, Any]:
         (ck_dir / "model.json").write_text(json.dumps({**cfg, "seed": seed}))
         epochs = cfg["epochs"]
         config = FitConfig(epochs=epochs, batch_size=64, lr=5e-3, weight_decay=1e-5,
-                           kl_ramp_epochs=max(1, epochs // 4), weight_decay_ramp_epochs=max(1, epochs // 4),
+                           kl_ramp=0.25, weight_decay_ramp=0.25,
                            val_every=max(1, epochs // 10), seed=seed)
         result = fit(model, guide, data.train, data.valid, config, device=device, checkpoint_dir=ck_dir,
                      resume=opts.resume_from, progress=not args.no_progress, meta=meta)

@@ -3,6 +3,8 @@
 A checkpoint written by :func:`pyro_langevin.training.fit` is a ``torch.save`` dict with the model,
 guide, optimizer and scheduler states, RNG states, epoch, config, history, best state, the
 constructor sizes of model and guide (``sizes``) and an optional user ``meta`` dict.
+:class:`TrainingState` is that dict's writer and reader: it captures the state of a fit at an
+epoch boundary, writes it atomically, and rolls a fit back to it (after a fault) or resumes from it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pyro_langevin.atomic import atomic_path
 
 __all__ = [
     "CHECKPOINT_FORMAT", "CheckpointMismatchError", "save_checkpoint", "load_checkpoint",
-    "load_state_checked", "restore_checkpoint",
+    "load_state_checked", "restore_checkpoint", "TrainingState", "clone_state", "module_sizes",
+    "rng_state", "set_rng_state",
 ]
 
 #: Version of the checkpoint layout written by :func:`~pyro_langevin.training.fit`.
@@ -30,7 +33,8 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint's tensors do not fit the model or guide it is loaded into."""
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """Every global random state a fit draws from: torch (CPU and CUDA), NumPy and Python."""
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -39,7 +43,8 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Set the global random states saved by :func:`rng_state`."""
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -66,26 +71,22 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
         raise ValueError(f"checkpoint {path} is unreadable or truncated: {exc}") from exc
 
 
-def _clone(obj: Any) -> Any:
+def clone_state(obj: Any) -> Any:
     """Deep copy of nested dicts/lists/tuples whose tensors are cloned (detached, same device)."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().clone()
     if isinstance(obj, dict):
-        return type(obj)((k, _clone(v)) for k, v in obj.items())
+        return type(obj)((k, clone_state(v)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_clone(v) for v in obj)
+        return type(obj)(clone_state(v) for v in obj)
     return copy.deepcopy(obj)
-
-
-def _snapshot(model: torch.nn.Module, guide: torch.nn.Module) -> dict[str, Any]:
-    return {"model": _clone(model.state_dict()), "guide": _clone(guide.state_dict())}
 
 
 #: Integer attributes recorded from the model and guide so that size mismatches can be explained.
 _SIZE_ATTRS = ("n_neurons", "n_heldin", "n_heldout", "latent_dim", "hidden", "hidden_size", "n_trials")
 
 
-def _module_sizes(module: Any) -> dict[str, int]:
+def module_sizes(module: Any) -> dict[str, int]:
     """The constructor sizes a module exposes (``n_neurons``, ``latent_dim``, ``n_heldin`` ...)."""
     sizes = {}
     for name in _SIZE_ATTRS:
@@ -133,7 +134,7 @@ def load_state_checked(
     if missing:
         problems.append(f"this {label} has tensors missing from the checkpoint: {missing[:5]}")
     if problems:
-        here = _module_sizes(module)
+        here = module_sizes(module)
         msg = f"checkpoint does not fit the {label}: {problems[0]}"
         if len(problems) > 1:
             msg += f" (and {len(problems) - 1} more mismatches)"
@@ -178,3 +179,95 @@ def restore_checkpoint(
     if guide is not None:
         load_state_checked(guide, states["guide"], "guide", sizes.get("guide"))
     return ckpt
+
+
+class TrainingState:
+    """Everything a fit needs to continue exactly, and its checkpoints (the layout above).
+
+    Parameters
+    ----------
+    model, guide : torch.nn.Module
+    optimizer : torch.optim.Optimizer
+    selector
+        Anything with ``state_dict()`` / ``load_state_dict(d)`` whose dict's entries are stored at a
+        checkpoint's top level (:class:`~pyro_langevin.selection.Selector`: the LR scheduler and the
+        best-state bookkeeping).
+    shuffle : torch.Generator
+        The generator of the minibatch order.
+    config : dict
+        The fit's options, stored as ``checkpoint["config"]``.
+    meta : dict, optional
+        Anything needed to rebuild the model and guide, stored as ``checkpoint["meta"]``.
+    checkpoint_dir : path, optional
+        Where :meth:`write` puts files (without one it writes nothing).
+
+    Attributes
+    ----------
+    epoch : int
+        The last completed epoch (-1 before the first).
+    history : list of dict
+        One record per completed epoch.
+    faults : list of dict
+        The numerical faults recovered from.
+    """
+
+    def __init__(self, model: torch.nn.Module, guide: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 selector: Any, shuffle: torch.Generator, *, config: dict[str, Any],
+                 meta: Optional[dict[str, Any]] = None, checkpoint_dir: Union[str, Path, None] = None) -> None:
+        self.model, self.guide, self.optimizer, self.selector, self.shuffle = model, guide, optimizer, selector, shuffle
+        self.config, self.meta = config, meta
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.sizes = {"model": module_sizes(model), "guide": module_sizes(guide)}
+        self.epoch = -1
+        self.history: list[dict[str, Any]] = []
+        self.faults: list[dict[str, Any]] = []
+
+    def capture(self) -> dict[str, Any]:
+        """The state now, at an epoch boundary, in memory: a checkpoint dict (tensors cloned)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": clone_state(self.model.state_dict()), "guide": clone_state(self.guide.state_dict()),
+            "optimizer": clone_state(self.optimizer.state_dict()), **self.selector.state_dict(),
+            "epoch": self.epoch, "config": self.config, "history": list(self.history),
+            "shuffle_rng": self.shuffle.get_state(), "rng": rng_state(),
+            "faults": list(self.faults), "sizes": self.sizes, "meta": self.meta,
+        }
+
+    def write(self, snapshot: dict[str, Any], name: str, **extra: Any) -> Optional[Path]:
+        """Save ``snapshot`` (plus ``extra`` entries) atomically as ``checkpoint_dir / name``; its path, or None."""
+        if self.checkpoint_dir is None:
+            return None
+        return save_checkpoint(self.checkpoint_dir / name, {**snapshot, **extra})
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Roll back to ``snapshot``: parameters (shapes checked), optimizer, selector, epoch and history.
+
+        The random streams and the fault log go on (a retry after a fault draws afresh); :meth:`resume`
+        sets those too.
+        """
+        sizes = snapshot.get("sizes") or {}
+        load_state_checked(self.model, snapshot["model"], "model", sizes.get("model"))
+        load_state_checked(self.guide, snapshot["guide"], "guide", sizes.get("guide"))
+        self.optimizer.load_state_dict(clone_state(snapshot["optimizer"]))  # clone: Adam updates its state in place
+        self.selector.load_state_dict(snapshot)
+        self.epoch = snapshot["epoch"]
+        self.history = list(snapshot["history"])
+
+    def resume(self, path: Union[str, Path]) -> dict[str, Any]:
+        """Continue from the checkpoint at ``path``: :meth:`restore`, the random streams, the faults, ``meta``.
+
+        ``meta`` is taken from the checkpoint unless this state was given one. Returns the checkpoint.
+
+        Raises
+        ------
+        CheckpointMismatchError
+            The checkpoint is of a differently sized model or guide.
+        """
+        ckpt = load_checkpoint(path, map_location="cpu")  # RNG states must stay CPU tensors
+        self.restore(ckpt)
+        self.faults = list(ckpt.get("faults", []))
+        self.shuffle.set_state(ckpt["shuffle_rng"])
+        set_rng_state(ckpt["rng"])
+        if self.meta is None:
+            self.meta = ckpt.get("meta")
+        return ckpt

@@ -8,7 +8,7 @@ loop full control of learning-rate plateaus, weight-decay ramps and clipping.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import logging
 import math
@@ -18,36 +18,24 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 import pyro
 import torch
 
 from pyro_langevin.batch import Batch, BatchError
-from pyro_langevin.checkpoints import (
-    CHECKPOINT_FORMAT,
-    CheckpointMismatchError,
-    _clone,
-    _module_sizes,
-    _rng_state,
-    _set_rng_state,
-    _snapshot,
-    load_checkpoint,
-    load_state_checked,
-    restore_checkpoint,
-    save_checkpoint,
-)
+from pyro_langevin.checkpoints import TrainingState, rng_state, set_rng_state
 from pyro_langevin.elbo import MarkovMeanFieldELBO, make_elbo
 from pyro_langevin.handlers import scale_latents
 from pyro_langevin.inputs import counts_with_features, encoder_features
-from pyro_langevin.options import check_device
+from pyro_langevin.options import RESUME_MAY_CHANGE, check_device
 from pyro_langevin.posterior import eval_mode
 from pyro_langevin.progress import progress_bar
+from pyro_langevin.selection import Selector
 
 __all__ = [
-    "FitConfig", "FitResult", "fit", "coordinated_dropout", "weight_decay_groups", "default_device", "save_checkpoint",
-    "load_checkpoint", "restore_checkpoint", "load_state_checked", "TrainingDivergedError",
-    "CheckpointMismatchError",
+    "FitConfig", "FitResult", "fit", "coordinated_dropout", "weight_decay_groups", "default_device", "ramp_epochs",
+    "validation_loss", "TrainingDivergedError",
 ]
 
 MetricFn = Callable[[torch.nn.Module, torch.nn.Module, Batch], dict[str, float]]
@@ -72,14 +60,21 @@ class FitConfig:
     lr : float
         Adam learning rate.
     weight_decay : float
-        Final weight decay; ramps linearly from 0 over ``weight_decay_ramp_epochs``.
+        Final weight decay; ramps linearly from 0 over the first ``weight_decay_ramp`` of the epochs.
+    weight_decay_ramp : float
+        Length of the ramp as a fraction of ``epochs`` (:func:`ramp_epochs`: rounded down, at least
+        one epoch); the default, 1/6, is 50 of the default 300 epochs. Above 1 the ramp outlasts
+        this fit: a run fitted in chunks (each resuming the last) keeps one ``n``-epoch ramp with
+        ``n / epochs``.
     optimizer : {"adam", "adamw"}
         ``"adam"``: weight decay as an L2 term in the gradient (the reference code's form; it is
         negligible next to an ELBO summed over a minibatch of trials). ``"adamw"``: decoupled
         weight decay, which shrinks weights by ``lr * weight_decay`` per step whatever the loss scale.
-    kl_start, kl_final, kl_ramp_epochs
+    kl_start, kl_final, kl_ramp
         KL weight (a ``scale_latents`` handler on model and guide) ramps linearly from ``kl_start``
-        to ``kl_final`` over ``kl_ramp_epochs``. A proper ELBO has ``kl_final = 1``.
+        to ``kl_final`` over the first ``kl_ramp`` (a fraction, as ``weight_decay_ramp``) of the
+        epochs. A proper ELBO has ``kl_final = 1``. The ramps follow ``epochs``: a run resumed with
+        other ``epochs`` continues on the new schedule (``fit`` warns when a ramp's length changes).
     cd_keep : float
         Coordinated dropout: fraction of held-in input entries the guide sees per step; the
         likelihood scores only the hidden ones (1.0 disables it).
@@ -122,11 +117,11 @@ class FitConfig:
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 2e-5
-    weight_decay_ramp_epochs: int = 50
+    weight_decay_ramp: float = 1 / 6
     optimizer: Literal["adam", "adamw"] = "adam"
     kl_start: float = 0.0
     kl_final: float = 1.0
-    kl_ramp_epochs: int = 50
+    kl_ramp: float = 1 / 6
     cd_keep: float = 1.0
     grad_clip: float = 200.0
     val_every: int = 5
@@ -151,6 +146,8 @@ class FitConfig:
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
             "weight_decay": self.weight_decay >= 0,
+            "weight_decay_ramp": self.weight_decay_ramp >= 0,
+            "kl_ramp": self.kl_ramp >= 0,
             "optimizer": self.optimizer in ("adam", "adamw"),
             "cd_keep": 0 < self.cd_keep <= 1,
             "grad_clip": self.grad_clip > 0,
@@ -169,17 +166,22 @@ class FitConfig:
             raise ValueError(f"FitConfig: invalid value for {', '.join(bad)}: " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
 
     def ramp(self, epoch: int, start: float, final: float, epochs: int) -> float:
-        """Linear ramp value at ``epoch`` (0-based)."""
+        """Linear ramp value at ``epoch`` (0-based) of a ramp ``epochs`` long."""
         if epochs <= 0:
             return final
         frac = min(1.0, (epoch + 1) / epochs)
         return start + frac * (final - start)
 
     def kl_weight(self, epoch: int) -> float:
-        return self.ramp(epoch, self.kl_start, self.kl_final, self.kl_ramp_epochs)
+        return self.ramp(epoch, self.kl_start, self.kl_final, ramp_epochs(self.kl_ramp, self.epochs))
 
     def weight_decay_at(self, epoch: int) -> float:
-        return self.ramp(epoch, 0.0, self.weight_decay, self.weight_decay_ramp_epochs)
+        return self.ramp(epoch, 0.0, self.weight_decay, ramp_epochs(self.weight_decay_ramp, self.epochs))
+
+
+def ramp_epochs(fraction: float, epochs: int) -> int:
+    """Length in epochs of a ramp over ``fraction`` of ``epochs``: rounded down, at least 1."""
+    return max(1, math.floor(fraction * epochs + 1e-9))  # + 1e-9: a sixth of 300 epochs is 50, not 49
 
 
 @dataclass
@@ -383,32 +385,214 @@ def _check_select_on(config: FitConfig, metric_fn: Optional[MetricFn], model: An
     if metric_fn is None:
         raise ValueError(f"FitConfig.select_on={config.select_on!r}: fit has no metric_fn, so the only "
                          "validation metric is 'val_loss'")
-    rng = _rng_state()
+    rng = rng_state()
     try:
         with eval_mode(model, guide), torch.no_grad():
             names = set(metric_fn(model, guide, valid)) | {"val_loss"}
     finally:
-        _set_rng_state(rng)
+        set_rng_state(rng)
     if config.select_on not in names:
         raise ValueError(f"FitConfig.select_on={config.select_on!r} is not among the validation metrics {sorted(names)}")
 
 
-def fit(
-    model: torch.nn.Module,
-    guide: torch.nn.Module,
-    train: Batch,
-    valid: Optional[Batch] = None,
-    config: Optional[FitConfig] = None,
-    *,
-    device: Union[str, torch.device, None] = None,
-    metric_fn: Optional[MetricFn] = None,
-    checkpoint_dir: Union[str, Path, None] = None,
-    resume: Union[str, Path, None] = None,
-    init_rates: bool = True,
-    progress: bool = True,
-    meta: Optional[dict[str, Any]] = None,
-    handle_signals: bool = True,
-) -> FitResult:
+@contextlib.contextmanager
+def _invalid_values_as_fault(epoch: int, step: int, what: str) -> Iterator[None]:
+    """Turn a distribution's rejection of non-finite parameters into a :class:`_Fault` at (epoch, step)."""
+    try:
+        yield
+    except ValueError as exc:
+        if not _is_invalid_value_error(exc):
+            raise
+        raise _Fault(epoch, step, f"{what} ({_first_line(exc)})") from exc
+
+
+def _unique_parameters(model: torch.nn.Module, guide: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """``(name, parameter)`` of the model then the guide, each shared parameter once (first name)."""
+    named = [(f"model.{k}", p) for k, p in model.named_parameters()] + [(f"guide.{k}", p) for k, p in guide.named_parameters()]
+    first: dict[int, tuple[str, torch.nn.Parameter]] = {}
+    for k, p in named:
+        first.setdefault(id(p), (k, p))
+    return list(first.values())
+
+
+def _optimizer(named: list[tuple[str, torch.nn.Parameter]], config: FitConfig) -> torch.optim.Optimizer:
+    """Adam or AdamW; group 0 holds the decayed weights (its decay ramps), group 1 is never decayed."""
+    decayed, not_decayed = weight_decay_groups(named)
+    optimizer_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_cls([{"params": decayed}, {"params": not_decayed}], lr=config.lr, weight_decay=0.0)
+
+
+class _Epoch:
+    """One epoch: the minibatch steps, then (when due) validation and selection.
+
+    Raises :class:`_Fault` at the first non-finite loss, gradient, parameter or validation metric,
+    and :class:`_Interrupted` when a signal arrived, at the next step boundary.
+    """
+
+    def __init__(self, state: TrainingState, config: FitConfig, named: list[tuple[str, torch.nn.Parameter]],
+                 train: Batch, valid: Optional[Batch], metric_fn: Optional[MetricFn], device: torch.device,
+                 guard: _SignalGuard) -> None:
+        self.model, self.guide, self.optimizer, self.selector = state.model, state.guide, state.optimizer, state.selector
+        self.shuffle, self.config = state.shuffle, config
+        self.train, self.valid, self.metric_fn, self.device, self.guard = train, valid, metric_fn, device, guard
+        self.names = {id(p): k for k, p in named}
+        self.params = [p for _, p in named]
+        self.elbo = make_elbo(config.elbo, config.num_particles)
+
+    def __call__(self, epoch: int) -> tuple[dict[str, float], bool, bool]:
+        """``(record, validated, improved)`` for ``epoch``."""
+        record = self.steps(epoch)
+        c = self.config
+        scheduled = (epoch + 1) % c.val_every == 0
+        if self.valid is None or not (scheduled or epoch + 1 == c.epochs):
+            return record, False, False
+        record.update(self.validate(epoch))
+        if c.select_on not in record:
+            raise KeyError(f"select_on={c.select_on!r} is not among the validation metrics {sorted(record)}")
+        value = record[c.select_on]
+        if not math.isfinite(value):
+            raise _Fault(epoch, -1, f"the validation metric {c.select_on} ({value})")
+        return record, True, self.selector.observe(epoch, value, scheduled)
+
+    def steps(self, epoch: int) -> dict[str, float]:
+        """The minibatch steps of ``epoch`` (in the order the shuffle generator draws); its record."""
+        c, model, guide, optimizer = self.config, self.model, self.guide, self.optimizer
+        model.train()
+        guide.train()
+        kl_w = c.kl_weight(epoch)
+        optimizer.param_groups[0]["weight_decay"] = c.weight_decay_at(epoch)
+        n = self.train.n_trials
+        perm = torch.randperm(n, generator=self.shuffle)
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        scored = torch.zeros((), device=self.device, dtype=torch.long)
+        for step, start in enumerate(range(0, n, c.batch_size)):
+            if self.guard.received is not None:
+                raise _Interrupted(self.guard.received, epoch, step)
+            mb = coordinated_dropout(self.train[perm[start : start + c.batch_size].to(self.device)], c.cd_keep)
+            with _invalid_values_as_fault(epoch, step, "a distribution parameter"):
+                with scale_latents(kl_w), pyro.validation_enabled(c.validate_args):
+                    loss = self.elbo.differentiable_loss(model, guide, mb)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
+            # one device sync per step: loss and total gradient norm both finite?
+            if not bool(torch.isfinite(loss.detach()) & torch.isfinite(gnorm)):
+                if not bool(torch.isfinite(loss.detach())):
+                    raise _Fault(epoch, step, f"the loss ({loss.item()})")
+                raise _Fault(epoch, step, f"the gradient (total norm {gnorm.item()}; first non-finite in {self.first_bad_grad()})")
+            optimizer.step()
+            total += loss.detach()
+            scored += mb.mask.sum()
+        finite = torch.stack([torch.isfinite(p.detach()).all() for p in self.params])
+        if not bool(finite.all()):  # one device sync per epoch
+            bad = self.names[id(self.params[int((~finite).nonzero()[0])])]
+            raise _Fault(epoch, -1, f"parameter {bad} after the optimizer step")
+        return {"epoch": epoch, "loss": float(total) / max(1, int(scored)), "kl_weight": kl_w,
+                "lr": optimizer.param_groups[0]["lr"]}
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        """``val_loss`` and the ``metric_fn`` metrics, drawn from a forked RNG: the training stream is unchanged."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), \
+                _invalid_values_as_fault(epoch, -1, "a distribution parameter during validation"):
+            out = {"val_loss": validation_loss(self.model, self.guide, self.valid, n_samples=self.config.val_samples)}
+            if self.metric_fn is not None:
+                with eval_mode(self.model, self.guide):
+                    out.update(self.metric_fn(self.model, self.guide, self.valid))
+        return out
+
+    def first_bad_grad(self) -> str:
+        for p in self.params:
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                return self.names[id(p)]
+        return "?"
+
+
+class _Recovery:
+    """After a numerical fault: back to the last epoch boundary at a lower learning rate, or give up."""
+
+    def __init__(self, state: TrainingState, config: FitConfig) -> None:
+        self.state, self.config = state, config
+        self.retries = 0  # consecutive faults without completing an epoch
+
+    def __call__(self, fault: _Fault, snapshot: dict[str, Any]) -> None:
+        """Restore ``snapshot`` and lower the learning rate (warns), or raise :class:`TrainingDivergedError`."""
+        c, state = self.config, self.state
+        self.retries += 1
+        lr_before = state.optimizer.param_groups[0]["lr"]
+        info = {"epoch": fault.epoch, "step": fault.step, "what": fault.what, "lr_before": lr_before}
+        where = f"epoch {fault.epoch}, " + (f"step {fault.step}" if fault.step >= 0 else "end-of-epoch checks")
+        if self.retries > c.max_retries:
+            state.restore(snapshot)
+            state.faults.append({**info, "lr_after": lr_before})
+            path = state.write(snapshot, "last.pt")
+            raise TrainingDivergedError(
+                f"training diverged: non-finite value in {fault.what} at {where}, after "
+                f"{c.max_retries} recoveries from the state at the start of epoch {snapshot['epoch'] + 1} "
+                f"(learning rate now {lr_before:.3g}, started at {c.lr:.3g}). The model and guide hold "
+                "that last good state" + (f" (saved to {path})" if path else "") +
+                ". Check the data, or lower FitConfig.lr or grad_clip.",
+                fault.epoch, fault.step, fault.what, state.faults,
+            ) from fault.__cause__
+        lrs = [g["lr"] * c.fault_lr_factor for g in state.optimizer.param_groups]  # before restore: retries compound
+        state.restore(snapshot)
+        state.selector.set_lr(lrs)
+        state.faults.append({**info, "lr_after": lrs[0]})
+        warnings.warn(
+            f"fit: non-finite value in {fault.what} at {where}; restored the state at the start of "
+            f"epoch {snapshot['epoch'] + 1} and lowered the learning rate {lr_before:.3g} -> {lrs[0]:.3g} "
+            f"(retry {self.retries} of {c.max_retries})", RuntimeWarning, stacklevel=3,
+        )
+
+
+def _save_interrupted(state: TrainingState, snapshot: dict[str, Any], intr: _Interrupted,
+                      guard: _SignalGuard) -> tuple[int, Any, None, str]:
+    """Restore and write the last epoch boundary after a signal; the arguments of :func:`_reraise_signal`."""
+    state.restore(snapshot)
+    path = state.write(snapshot, "last.pt", interrupted=True)
+    message = (f"fit interrupted by {signal.Signals(intr.signum).name} at epoch {intr.epoch} step {intr.step}; state "
+               f"at the start of epoch {snapshot['epoch'] + 1} saved to {path} (continue with fit(..., resume={str(path)!r}))")
+    _log.warning(message)  # stderr by default; a command line prints its own line instead
+    return intr.signum, guard.previous.get(intr.signum), None, message
+
+
+_RAMPS = ("kl_ramp", "weight_decay_ramp")
+
+
+def _warn_config_changes(saved: dict[str, Any], config: FitConfig) -> None:
+    """Warn about options a resumed run changed; ramps compare in epochs (which old checkpoints stored)."""
+
+    def in_epochs(options: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in options.items() if k not in _RAMPS}
+        out.update({f"{k}_epochs": ramp_epochs(options[k], options["epochs"]) for k in _RAMPS if k in options})
+        return out
+
+    old, new = in_epochs(saved), in_epochs(dataclasses.asdict(config))
+    changed = {k: (v, new[k]) for k, v in old.items() if k in new and k not in RESUME_MAY_CHANGE and new[k] != v}
+    if changed:
+        warnings.warn("resuming with a different config: " + ", ".join(
+            f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()), stacklevel=3)
+
+
+def _init_rates(model: torch.nn.Module, train: Batch) -> None:
+    """Set the decoder's readout bias to the log mean scored training counts (when it has ``init_rates``)."""
+    if hasattr(model, "decoder") and hasattr(model.decoder, "init_rates"):
+        model.decoder.init_rates((train.target.nan_to_num() * train.mask).sum((0, 1)) / train.mask.sum((0, 1)).clamp_min(1))
+
+
+def _show(bar: Any, record: dict[str, float], selector: Selector, select_on: str) -> None:
+    """Advance the progress bar by one epoch, showing the loss and the best validation metric."""
+    best = {select_on: f"{selector.best_metric:.4f}"} if selector.best_epoch >= 0 else {}
+    bar.set_postfix({"loss": f"{record['loss']:.4f}", **best}, refresh=False)  # drawn by update(): throttled off a terminal
+    bar.update(1)
+
+
+def fit(model: torch.nn.Module, guide: torch.nn.Module, train: Batch, valid: Optional[Batch] = None,
+        config: Optional[FitConfig] = None, *, device: Union[str, torch.device, None] = None,
+        metric_fn: Optional[MetricFn] = None, checkpoint_dir: Union[str, Path, None] = None,
+        resume: Union[str, Path, None] = None, init_rates: bool = True, progress: bool = True,
+        meta: Optional[dict[str, Any]] = None, callback: Optional[Callable[[int, dict[str, float]], None]] = None,
+        handle_signals: bool = True) -> FitResult:
     """Train ``model`` and ``guide`` by SVI on ``train``, selecting the best state on ``valid``.
 
     Parameters
@@ -418,9 +602,8 @@ def fit(
     train : Batch
         Training trials (their ``mask`` says which counts are scored).
     valid : Batch, optional
-        Validation trials, never trained on: they drive early stopping, LR plateaus and the choice
-        of the returned state. Without them the final state is returned. Must have the same
-        held-in and total neuron counts as ``train``.
+        Validation trials, never trained on, with the neurons of ``train``: they drive early
+        stopping, LR plateaus and the choice of the returned state (without them, the last one).
     config : FitConfig, optional
     device : str or torch.device, optional
         Default: ``cuda`` when available, else ``cpu``.
@@ -429,31 +612,32 @@ def fit(
         ``config.select_on`` may name one of them.
     checkpoint_dir : path, optional
         Writes ``last.pt`` (atomically) every ``config.checkpoint_every`` epochs and after the last
-        one, and ``best.pt`` when the validation metric improves. A checkpoint holds model, guide,
-        optimizer and scheduler states, every RNG state, the epoch, the config, the history, the
-        model/guide sizes and ``meta``.
+        one, and ``best.pt`` when the validation metric improves: the whole training state
+        (:class:`~pyro_langevin.checkpoints.TrainingState`) with the model/guide sizes and ``meta``.
     resume : path, optional
-        A checkpoint (``last.pt``) to continue from. Training continues at the epoch after it, so
-        that an interrupted and resumed run ends with the same parameters as an uninterrupted one
-        (same data, device and config; ``config.epochs`` may change). Shapes are checked first.
+        A checkpoint (``last.pt``) to continue from: an interrupted and resumed run ends with the
+        same parameters as an uninterrupted one (same data, device and config; ``config.epochs``
+        may change, and with it the ramps). Shapes are checked first, changed options warned about.
     init_rates : bool
         Set the decoder's readout bias to the log mean training counts (skipped on resume).
     progress : bool
         Show a progress bar with the loss and the validation metric.
     meta : dict, optional
-        Anything needed to rebuild the model and guide (constructor settings, dataset name); saved
-        as ``checkpoint["meta"]``.
+        What rebuilds the model and guide (constructor settings, dataset); ``checkpoint["meta"]``.
+    callback : callable, optional
+        ``callback(epoch, record)`` after each completed epoch, once its checkpoints are written:
+        the 0-based epoch and a copy of its history dict (``loss``, ``kl_weight``, ``lr``; on
+        validated epochs ``val_loss`` and the ``metric_fn`` metrics). Its exceptions end the fit.
     handle_signals : bool
         With ``checkpoint_dir``, SIGINT and SIGTERM (in the main thread) stop the fit at the next
-        step: ``last.pt`` is written with the state at the start of the current epoch (an exact
-        resume point), the model and guide are left holding that state, and ``KeyboardInterrupt``
-        (SIGINT) or ``SystemExit(128 + signum)`` (SIGTERM) is raised. A second signal stops at once.
+        step: model, guide and ``last.pt`` get the state at the start of the epoch (an exact resume
+        point), then ``KeyboardInterrupt`` (SIGINT) or ``SystemExit(128 + signum)`` (SIGTERM) is
+        raised. A second signal stops at once.
 
     Returns
     -------
     FitResult
-        History (one dict per epoch), the best epoch and the faults recovered from; ``model`` and
-        ``guide`` are left holding the best parameters (or the last ones without ``valid``).
+        History (a dict per epoch), best epoch, faults; model and guide hold the returned state.
 
     Raises
     ------
@@ -470,258 +654,61 @@ def fit(
         raise TypeError(f"config: expected a FitConfig, got {type(config).__name__}")
     device = check_device(device)
     _check_fit_inputs(model, guide, train, valid)
-    train = train.to(device)
-    if valid is not None:
-        valid = valid.to(device)
+    train, valid = train.to(device), None if valid is None else valid.to(device)
     model.to(device)
     guide.to(device)
-
-    torch.manual_seed(config.seed)
-    pyro.set_rng_seed(config.seed)
-    shuffle_gen = torch.Generator().manual_seed(config.seed)
-
-    named = [(f"model.{k}", p) for k, p in model.named_parameters()] + [(f"guide.{k}", p) for k, p in guide.named_parameters()]
-    first: dict[int, tuple[str, torch.nn.Parameter]] = {}
-    for k, p in named:
-        first.setdefault(id(p), (k, p))
-    names = {i: k for i, (k, _) in first.items()}
-    unique = list(first.values())
-    params = [p for _, p in unique]
-    decayed, not_decayed = weight_decay_groups(unique)
-    optimizer_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    # group 0 is decayed (its rate ramps), group 1 never is
-    optimizer = optimizer_cls([{"params": decayed}, {"params": not_decayed}], lr=config.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode=config.select_mode, factor=config.lr_plateau_factor,
-        patience=config.lr_plateau_patience, min_lr=config.lr_min,
-    )
-    elbo = make_elbo(config.elbo, config.num_particles)
-    result = FitResult()
-    start_epoch, bad_validations = 0, 0
-    best = math.inf if config.select_mode == "min" else -math.inf
-    sizes = {"model": _module_sizes(model), "guide": _module_sizes(guide)}
-
+    pyro.set_rng_seed(config.seed)  # torch (CPU and CUDA), NumPy and Python
+    named = _unique_parameters(model, guide)
+    optimizer = _optimizer(named, config)
+    selector = Selector(model, guide, optimizer, mode=config.select_mode, patience=config.patience,
+                        lr_factor=config.lr_plateau_factor, lr_patience=config.lr_plateau_patience, lr_min=config.lr_min)
+    state = TrainingState(model, guide, optimizer, selector, torch.Generator().manual_seed(config.seed),
+                          config=dataclasses.asdict(config), meta=meta, checkpoint_dir=checkpoint_dir)
     if resume is not None:
-        # on the CPU: RNG states must stay CPU tensors; load_state_dict copies onto the device
-        ckpt = load_checkpoint(resume, map_location="cpu")
-        saved = ckpt.get("sizes") or {}
-        load_state_checked(model, ckpt["model"], "model", saved.get("model"))
-        load_state_checked(guide, ckpt["guide"], "guide", saved.get("guide"))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch = ckpt["epoch"] + 1
-        result.history = list(ckpt["history"])
-        result.best_epoch, best = ckpt["best_epoch"], ckpt["best_metric"]
-        result.best_state = ckpt.get("best_state")
-        result.faults = list(ckpt.get("faults", []))
-        bad_validations = ckpt["bad_validations"]
-        shuffle_gen.set_state(ckpt["shuffle_rng"])
-        _set_rng_state(ckpt["rng"])
-        changed = {k: (v, getattr(config, k)) for k, v in ckpt.get("config", {}).items()
-                   if hasattr(config, k) and getattr(config, k) != v
-                   and k not in ("epochs", "patience", "checkpoint_every", "max_retries", "val_every")}
-        if changed:
-            warnings.warn("resuming with a different config: " + ", ".join(
-                f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()), stacklevel=2)
-        if meta is None:
-            meta = ckpt.get("meta")
-    elif init_rates and hasattr(model, "decoder") and hasattr(model.decoder, "init_rates"):
-        counts = (train.target.nan_to_num() * train.mask).sum((0, 1)) / train.mask.sum((0, 1)).clamp_min(1)
-        model.decoder.init_rates(counts)
-
-    def capture(epoch_done: int) -> dict[str, Any]:
-        """The full training state at an epoch boundary, in memory (tensors cloned)."""
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "model": _clone(model.state_dict()), "guide": _clone(guide.state_dict()),
-            "optimizer": _clone(optimizer.state_dict()), "scheduler": copy.deepcopy(scheduler.state_dict()),
-            "epoch": epoch_done, "config": dataclasses.asdict(config), "history_len": len(result.history),
-            "best_epoch": result.best_epoch, "best_metric": best, "best_state": result.best_state,
-            "bad_validations": bad_validations, "shuffle_rng": shuffle_gen.get_state(), "rng": _rng_state(),
-            "faults": list(result.faults), "sizes": sizes, "meta": meta,
-        }
-
-    def write(snap: dict[str, Any], name: str, **extra: Any) -> Optional[Path]:
-        if checkpoint_dir is None:
-            return None
-        payload = {k: v for k, v in snap.items() if k != "history_len"}
-        payload["history"] = result.history[: snap["history_len"]]
-        payload.update(extra)
-        return save_checkpoint(Path(checkpoint_dir) / name, payload)
-
-    def restore(snap: dict[str, Any]) -> None:
-        nonlocal best, bad_validations
-        model.load_state_dict(snap["model"])
-        guide.load_state_dict(snap["guide"])
-        optimizer.load_state_dict(_clone(snap["optimizer"]))  # clone: Adam updates its state in place
-        scheduler.load_state_dict(copy.deepcopy(snap["scheduler"]))
-        del result.history[snap["history_len"]:]
-        result.best_epoch, best, result.best_state = snap["best_epoch"], snap["best_metric"], snap["best_state"]
-        bad_validations = snap["bad_validations"]
-
-    def first_bad_grad() -> str:
-        for p in params:
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                return names[id(p)]
-        return "?"
-
-    def first_bad_param() -> Optional[str]:
-        finite = torch.stack([torch.isfinite(p.detach()).all() for p in params])
-        if bool(finite.all()):  # one device sync per epoch
-            return None
-        return names[id(params[int((~finite).nonzero()[0])])]
-
-    fork_devices = [device] if device.type == "cuda" else []
-    n = train.n_trials
+        _warn_config_changes(state.resume(resume).get("config", {}), config)
+    elif init_rates:
+        _init_rates(model, train)
+    _check_select_on(config, metric_fn, model, guide, valid, state.history)
     guard = _SignalGuard(handle_signals and checkpoint_dir is not None)
-
-    def run_epoch(epoch: int) -> tuple[dict[str, float], bool, bool]:
-        """One epoch of steps plus validation; raises _Fault or _Interrupted."""
-        nonlocal best, bad_validations
-        model.train()
-        guide.train()
-        kl_w = config.kl_weight(epoch)
-        optimizer.param_groups[0]["weight_decay"] = config.weight_decay_at(epoch)
-        perm = torch.randperm(n, generator=shuffle_gen)
-        total = torch.zeros((), device=device, dtype=torch.float64)
-        scored = torch.zeros((), device=device, dtype=torch.long)
-        for step, start in enumerate(range(0, n, config.batch_size)):
-            if guard.received is not None:
-                raise _Interrupted(guard.received, epoch, step)
-            mb = coordinated_dropout(train[perm[start : start + config.batch_size].to(device)], config.cd_keep)
-            try:
-                with scale_latents(kl_w), pyro.validation_enabled(config.validate_args):
-                    loss = elbo.differentiable_loss(model, guide, mb)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            except ValueError as exc:
-                if not _is_invalid_value_error(exc):
-                    raise
-                raise _Fault(epoch, step, f"a distribution parameter ({_first_line(exc)})") from exc
-            gnorm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            # one device sync per step: loss and total gradient norm both finite?
-            if not bool(torch.isfinite(loss.detach()) & torch.isfinite(gnorm)):
-                if not bool(torch.isfinite(loss.detach())):
-                    raise _Fault(epoch, step, f"the loss ({loss.item()})")
-                raise _Fault(epoch, step, f"the gradient (total norm {gnorm.item()}; first non-finite in {first_bad_grad()})")
-            optimizer.step()
-            total += loss.detach()
-            scored += mb.mask.sum()
-        bad = first_bad_param()
-        if bad is not None:
-            raise _Fault(epoch, -1, f"parameter {bad} after the optimizer step")
-        record: dict[str, float] = {"epoch": epoch, "loss": float(total) / max(1, int(scored)), "kl_weight": kl_w,
-                                    "lr": optimizer.param_groups[0]["lr"]}
-        scheduled = (epoch + 1) % config.val_every == 0
-        validate = valid is not None and (scheduled or epoch + 1 == config.epochs)
-        improved = False
-        if validate:
-            # validation draws from a forked RNG: it never changes the training random stream
-            with torch.random.fork_rng(devices=fork_devices):
-                try:
-                    record["val_loss"] = validation_loss(model, guide, valid, n_samples=config.val_samples)
-                    if metric_fn is not None:
-                        with eval_mode(model, guide):
-                            record.update(metric_fn(model, guide, valid))
-                except ValueError as exc:
-                    if not _is_invalid_value_error(exc):
-                        raise
-                    raise _Fault(epoch, -1, f"a distribution parameter during validation ({_first_line(exc)})") from exc
-            if config.select_on not in record:
-                raise KeyError(f"select_on={config.select_on!r} is not among the validation metrics {sorted(record)}")
-            value = record[config.select_on]
-            if not math.isfinite(value):
-                raise _Fault(epoch, -1, f"the validation metric {config.select_on} ({value})")
-            if scheduled:  # an off-schedule final validation only takes part in model selection
-                scheduler.step(value)
-            improved = value < best if config.select_mode == "min" else value > best
-            if improved:
-                best, result.best_epoch = value, epoch
-                result.best_state = _snapshot(model, guide)
-                if scheduled:
-                    bad_validations = 0
-            elif scheduled:
-                bad_validations += 1
-        return record, validate, improved
-
-    _check_select_on(config, metric_fn, model, guide, valid, result.history)
+    run_epoch = _Epoch(state, config, named, train, valid, metric_fn, device, guard)
+    recover = _Recovery(state, config)
     t0 = time.perf_counter()
-    bar = progress_bar(total=config.epochs, initial=min(start_epoch, config.epochs), disable=not progress,
+    bar = progress_bar(total=config.epochs, initial=min(state.epoch + 1, config.epochs), disable=not progress,
                        desc="fit", unit="epoch")
-    snap = capture(start_epoch - 1)
-    retries = 0
-    epoch = start_epoch
-    pending: Optional[tuple[int, Any, str]] = None
+    snapshot, stopped_early, pending = state.capture(), False, None
     with guard:
         try:
-            while epoch < config.epochs:
+            while state.epoch + 1 < config.epochs:
+                epoch = state.epoch + 1
                 try:
                     record, validated, improved = run_epoch(epoch)
                 except _Fault as fault:
-                    retries += 1
-                    lr_before = optimizer.param_groups[0]["lr"]
-                    info = {"epoch": fault.epoch, "step": fault.step, "what": fault.what, "lr_before": lr_before}
-                    where = f"epoch {fault.epoch}, " + (f"step {fault.step}" if fault.step >= 0 else "end-of-epoch checks")
-                    if retries > config.max_retries:
-                        restore(snap)
-                        info["lr_after"] = lr_before
-                        result.faults.append(info)
-                        path = write(snap, "last.pt")
-                        raise TrainingDivergedError(
-                            f"training diverged: non-finite value in {fault.what} at {where}, after "
-                            f"{config.max_retries} recoveries from the state at the start of epoch {snap['epoch'] + 1} "
-                            f"(learning rate now {lr_before:.3g}, started at {config.lr:.3g}). The model and guide hold "
-                            "that last good state" + (f" (saved to {path})" if path else "") +
-                            ". Check the data, or lower FitConfig.lr or grad_clip.",
-                            fault.epoch, fault.step, fault.what, result.faults,
-                        ) from fault.__cause__
-                    lrs = [g["lr"] * config.fault_lr_factor for g in optimizer.param_groups]
-                    restore(snap)
-                    for g, lr in zip(optimizer.param_groups, lrs):
-                        g["lr"] = lr
-                    scheduler._last_lr = lrs  # keep get_last_lr() truthful
-                    info["lr_after"] = lrs[0]
-                    result.faults.append(info)
-                    warnings.warn(
-                        f"fit: non-finite value in {fault.what} at {where}; restored the state at the start of "
-                        f"epoch {snap['epoch'] + 1} and lowered the learning rate {lr_before:.3g} -> {lrs[0]:.3g} "
-                        f"(retry {retries} of {config.max_retries})", RuntimeWarning, stacklevel=2,
-                    )
+                    recover(fault, snapshot)  # back to the snapshot at a lower learning rate, or raise
                     continue
-                retries = 0
-                result.history.append(record)
-                stop = validated and config.patience > 0 and bad_validations >= config.patience
-                snap = capture(epoch)
-                if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs or stop:
-                    write(snap, "last.pt")
+                recover.retries = 0
+                state.history.append(record)
+                state.epoch = epoch
+                stopped_early = validated and selector.should_stop
+                snapshot = state.capture()
+                if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs or stopped_early:
+                    state.write(snapshot, "last.pt")
                 if improved:
-                    write(snap, "best.pt")
-                postfix = {"loss": f"{record['loss']:.4f}"}
-                if valid is not None and result.best_epoch >= 0:
-                    postfix[config.select_on] = f"{best:.4f}"
-                bar.set_postfix(postfix, refresh=False)  # drawn by update(): throttled off a terminal
-                bar.update(1)
-                epoch += 1
-                if stop:
-                    result.stopped_early = True
+                    state.write(snapshot, "best.pt")
+                _show(bar, record, selector, config.select_on)
+                if callback is not None:
+                    callback(epoch, dict(record))
+                if stopped_early:
                     break
                 if guard.received is not None:
-                    raise _Interrupted(guard.received, epoch, 0)
+                    raise _Interrupted(guard.received, epoch + 1, 0)
         except _Interrupted as intr:
-            restore(snap)
-            path = write(snap, "last.pt", interrupted=True)
-            name = signal.Signals(intr.signum).name
-            message = (f"fit interrupted by {name} at epoch {intr.epoch} step {intr.step}; state at the start of "
-                       f"epoch {snap['epoch'] + 1} saved to {path} (continue with fit(..., resume={str(path)!r}))")
-            _log.warning(message)  # stderr by default; a command line prints its own line instead
-            pending = (intr.signum, guard.previous.get(intr.signum), message)
+            pending = _save_interrupted(state, snapshot, intr, guard)
         finally:
             bar.close()
     if pending is not None:  # outside the handlers, so the traceback is the user's, not ours
-        _reraise_signal(pending[0], pending[1], None, pending[2])
-    if result.best_state is not None:
-        model.load_state_dict(result.best_state["model"])
-        guide.load_state_dict(result.best_state["guide"])
-    result.best_metric = best if result.best_epoch >= 0 else math.nan
-    result.seconds = time.perf_counter() - t0
-    return result
+        _reraise_signal(*pending)
+    selector.load_best()
+    best_metric = selector.best_metric if selector.best_epoch >= 0 else math.nan
+    return FitResult(history=state.history, best_epoch=selector.best_epoch, best_metric=best_metric,
+                     best_state=selector.best_state, stopped_early=stopped_early, seconds=time.perf_counter() - t0,
+                     faults=state.faults)

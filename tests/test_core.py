@@ -164,7 +164,7 @@ def test_tiny_fit_lowers_the_loss(tmp_path):
     data = make_lorenz(n_conditions=8, trials_per_condition=4, n_bins=15, n_neurons=8, seed=3)
     model = LangevinFlow(8, latent_dim=4, dt=0.1, decoder_kwargs={"d_model": 16, "dim_feedforward": 32})
     guide = GRUGuide(model, 8, hidden=16)
-    cfg = FitConfig(epochs=30, batch_size=16, lr=1e-2, val_every=5, kl_ramp_epochs=5, seed=0)
+    cfg = FitConfig(epochs=30, batch_size=16, lr=1e-2, val_every=5, kl_ramp=1 / 6, seed=0)
     res = fit(model, guide, data.train, data.valid, cfg, device="cpu", checkpoint_dir=tmp_path, progress=False)
     losses = [h["loss"] for h in res.history]
     assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 0.05
@@ -204,7 +204,7 @@ def test_adamw_weight_decay_shrinks_weights_where_l2_in_adam_does_not():
         model = LangevinFlow(6, latent_dim=4, dt=0.1, decoder_kwargs={"d_model": 8, "n_heads": 2, "dim_feedforward": 16})
         guide = GRUGuide(model, 6, hidden=8)
         torch.manual_seed(0)
-        cfg = FitConfig(epochs=8, batch_size=16, lr=1e-2, weight_decay=30.0, weight_decay_ramp_epochs=1,
+        cfg = FitConfig(epochs=8, batch_size=16, lr=1e-2, weight_decay=30.0, weight_decay_ramp=0,
                         optimizer=opt, seed=0)
         fit(model, guide, data.train, None, cfg, device="cpu", progress=False)
         norms[opt] = torch.linalg.vector_norm(guide.encoder.gru.weight_hh_l0).item()

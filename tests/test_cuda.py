@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+from pyro_langevin.checkpoints import load_checkpoint
 from pyro_langevin.data.lorenz import make_lorenz
 from pyro_langevin.guides import GRUGuide
 from pyro_langevin.models import LangevinFlow
 from pyro_langevin.posterior import posterior_means
-from pyro_langevin.training import FitConfig, fit, load_checkpoint
+from pyro_langevin.training import FitConfig, fit
 
 DEVICE = torch.device(os.environ.get("PYRO_LANGEVIN_TEST_DEVICE", "cuda"))
 ON_CUDA = DEVICE.type == "cuda"
@@ -45,7 +46,7 @@ def build(seed: int = 0) -> tuple[LangevinFlow, GRUGuide]:
 
 def config(epochs: int) -> FitConfig:
     # coordinated dropout and the guide's draws both use the device's random stream
-    return FitConfig(epochs=epochs, batch_size=4, cd_keep=0.7, kl_ramp_epochs=4, weight_decay_ramp_epochs=4)
+    return FitConfig(epochs=epochs, batch_size=4, cd_keep=0.7, kl_ramp=4 / epochs, weight_decay_ramp=4 / epochs)
 
 
 def on_device(module: torch.nn.Module) -> bool:

@@ -22,13 +22,14 @@ from pyro_langevin.cli import nlb_main
 from pyro_langevin.nlb.config import default_config
 from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.data.h5 import read_h5
+from pyro_langevin.checkpoints import save_checkpoint
 from pyro_langevin.data.lorenz import make_lorenz
 from pyro_langevin.nlb.data import nlbdata_from_dicts
 from pyro_langevin.guides import GRUGuide
 from pyro_langevin.models import LangevinFlow
 from pyro_langevin.options import OptionError, check_out, check_resume, parse_overrides
 from pyro_langevin.progress import progress_bar
-from pyro_langevin.training import FitConfig, fit, save_checkpoint
+from pyro_langevin.training import FitConfig, fit
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"

@@ -142,8 +142,8 @@ def test_meanfield_parameters_are_per_trial(forward_batch):
 
 
 def _trains(model, guide, lorenz, epochs: int = 25) -> tuple[float, float]:
-    config = FitConfig(epochs=epochs, batch_size=64, lr=1e-2, weight_decay=0.0, kl_ramp_epochs=1,
-                       weight_decay_ramp_epochs=1, val_every=epochs, seed=0)
+    config = FitConfig(epochs=epochs, batch_size=64, lr=1e-2, weight_decay=0.0, kl_ramp=0,
+                       weight_decay_ramp=0, val_every=epochs, seed=0)
     result = fit(model, guide, lorenz.train, None, config, device="cpu", progress=False)
     losses = [h["loss"] for h in result.history]
     assert all(math.isfinite(x) for x in losses)

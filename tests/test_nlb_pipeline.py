@@ -22,7 +22,7 @@ from pyro_langevin.nlb.data import load_nlb
 from pyro_langevin.guides import GRUGuide
 from pyro_langevin.models import LangevinFlow
 from pyro_langevin.nlb.scoring import evaluate_submission, rates_to_full
-from pyro_langevin.training import load_checkpoint
+from pyro_langevin.checkpoints import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -165,7 +165,7 @@ def test_posterior_predictive_tracks_lorenz_psth():
         return psth_correlation(to_inference_data(train, posterior=draws), "posterior_predictive", conditions)
 
     model, guide = build()
-    config = FitConfig(epochs=40, batch_size=32, lr=1e-2, kl_ramp_epochs=10, weight_decay_ramp_epochs=1, val_every=40)
+    config = FitConfig(epochs=40, batch_size=32, lr=1e-2, kl_ramp=0.25, weight_decay_ramp=0, val_every=40)
     fit(model, guide, train, None, config, device="cpu", progress=False)
     fitted = tracking(model, guide)
 

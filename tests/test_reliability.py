@@ -16,19 +16,12 @@ import pytest
 import torch
 
 from pyro_langevin import Batch, BatchError
+from pyro_langevin.checkpoints import CheckpointMismatchError, load_checkpoint, restore_checkpoint, save_checkpoint
 from pyro_langevin.data.lorenz import make_lorenz
 from pyro_langevin.guides import GRUGuide
 from pyro_langevin.models import LangevinFlow
 from pyro_langevin.posterior import posterior_means
-from pyro_langevin.training import (
-    CheckpointMismatchError,
-    FitConfig,
-    TrainingDivergedError,
-    fit,
-    load_checkpoint,
-    restore_checkpoint,
-    save_checkpoint,
-)
+from pyro_langevin.training import FitConfig, TrainingDivergedError, fit
 
 DECODER = dict(d_model=8, n_heads=2, dim_feedforward=16)
 
@@ -46,7 +39,7 @@ def build(n_neurons=6, latent=4, n_heldin=4, seed=0):
 
 def config(epochs, **kw):
     kw.setdefault("batch_size", 4)
-    return FitConfig(epochs=epochs, cd_keep=0.7, kl_ramp_epochs=4, weight_decay_ramp_epochs=4, **kw)
+    return FitConfig(epochs=epochs, cd_keep=0.7, kl_ramp=4 / epochs, weight_decay_ramp=4 / epochs, **kw)  # 4-epoch ramps
 
 
 def states_equal(a, b):
@@ -92,6 +85,51 @@ def test_checkpoint_holds_everything_to_rebuild(data, tmp_path):
     for key in ("model", "guide", "optimizer", "scheduler", "rng", "shuffle_rng", "history"):
         assert key in ckpt
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_callback_sees_every_epoch_and_a_run_it_stops_resumes_exactly(data, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def stop_after_epoch_2(epoch, record):
+        seen.append((epoch, record))
+        if epoch == 2:
+            raise Stop
+
+    seen = []
+    m1, g1 = build()
+    straight = fit(m1, g1, data.train, data.valid, config(5, val_every=2), progress=False,
+                   callback=lambda epoch, record: seen.append((epoch, record)))
+    assert seen == list(enumerate(straight.history))
+    seen = []
+    m2, g2 = build()
+    with pytest.raises(Stop):
+        fit(m2, g2, data.train, data.valid, config(5, val_every=2), progress=False, checkpoint_dir=tmp_path,
+            callback=stop_after_epoch_2)
+    assert [e for e, _ in seen] == [0, 1, 2] and "val_loss" in seen[1][1]
+    m3, g3 = build(seed=7)
+    resumed = fit(m3, g3, data.train, data.valid, config(5, val_every=2), progress=False,
+                  resume=tmp_path / "last.pt")
+    assert resumed.history == straight.history and states_equal(m1.state_dict(), m3.state_dict())
+
+
+def test_ramps_are_fractions_of_the_epochs_and_old_checkpoints_compare_in_epochs(data, tmp_path):
+    assert FitConfig().kl_weight(48) < 1 == FitConfig().kl_weight(49)  # default: 50 of 300 epochs
+    for epochs in (1, 3, 4, 15, 101):  # a quarter: the NLB and example schedules, max(1, epochs // 4)
+        cfg = FitConfig(epochs=epochs, kl_ramp=0.25, weight_decay_ramp=0.25)
+        n = max(1, epochs // 4)
+        assert [cfg.kl_weight(e) for e in range(epochs)] == [min(1.0, (e + 1) / n) for e in range(epochs)]
+    with pytest.raises(ValueError, match="kl_ramp"):
+        FitConfig(kl_ramp=-0.1)
+    model, guide = build()
+    fit(model, guide, data.train, None, config(2), progress=False, checkpoint_dir=tmp_path)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    for key in ("kl_ramp", "weight_decay_ramp"):  # as written before the ramps were fractions
+        del ckpt["config"][key]
+    ckpt["config"].update(kl_ramp_epochs=7, weight_decay_ramp_epochs=4)
+    save_checkpoint(tmp_path / "old.pt", ckpt)
+    with pytest.warns(UserWarning, match=r"resuming with a different config: kl_ramp_epochs: 7 -> 4$"):
+        fit(model, guide, data.train, None, config(3), progress=False, resume=tmp_path / "old.pt")
 
 
 def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):

@@ -124,12 +124,11 @@ class NLBConfig:
 
     def fit_kwargs(self, seed: int = 0) -> Dict[str, Any]:
         """Keyword arguments for :class:`~pyro_langevin.training.FitConfig` (selection on co-bps)."""
-        ramp = max(1, self.epochs // 4)
         return dict(
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
             optimizer=self.optimizer,
-            weight_decay_ramp_epochs=ramp, kl_start=self.kl_start, kl_final=self.kl_final,
-            kl_ramp_epochs=ramp, cd_keep=self.cd_keep, grad_clip=self.grad_clip,
+            weight_decay_ramp=0.25, kl_start=self.kl_start, kl_final=self.kl_final,
+            kl_ramp=0.25, cd_keep=self.cd_keep, grad_clip=self.grad_clip,
             val_every=self.val_every, select_on="co_bps", select_mode="max", patience=self.patience,
             lr_plateau_patience=self.lr_plateau_patience, lr_min=self.lr_min, seed=seed,
         )

@@ -56,7 +56,8 @@ from pyro_langevin.nlb.scoring import (
 )
 from pyro_langevin.nlb.baseline import smoothing_baseline
 from pyro_langevin.posterior import posterior_rates
-from pyro_langevin.training import FitConfig, default_device, fit, load_checkpoint
+from pyro_langevin.checkpoints import load_checkpoint
+from pyro_langevin.training import FitConfig, default_device, fit
 
 __all__ = [
     "build_model", "cobps_metric", "load_best", "export_rates",
