@@ -589,7 +589,8 @@ def tune(
             tuner = rt.Tuner(
                 trainable, param_space=param_space,
                 tune_config=rt.TuneConfig(metric=METRIC, mode="max", scheduler=_scheduler(scheduler, space, iterations, quick),
-                                          num_samples=num_samples, time_budget_s=time_budget),
+                                          num_samples=num_samples, time_budget_s=time_budget,
+                                          reuse_actors=True),
                 run_config=rt.RunConfig(name="search", storage_path=root, verbose=0,
                                         callbacks=[_progress_callback(log)],
                                         checkpoint_config=rt.CheckpointConfig(num_to_keep=None)),
@@ -639,8 +640,8 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--space-file", type=Path, default=None, help="JSON search space (see docs/tune.md)")
     p.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
                    help="override one key: lr=loguniform:1e-4:1e-2, latent_dim=choice:16,32, dropout=0.3")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="a fixed configuration field (pyro_langevin.nlb.config.NLBConfig)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a fixed setting of the run spec by its dotted key, e.g. --set fit.epochs=200 (as nlb)")
     p.add_argument("--top-k", type=positive_int, default=1, help="submission from the mean rates of the k best trials")
     return p
 
