@@ -21,14 +21,13 @@ import time
 
 from pyro_langevin.console import Session, run_command
 from pyro_langevin.data.lorenz import make_lorenz
-from pyro_langevin.guides import GRUGuide
 from pyro_langevin.metrics import rate_r2
-from pyro_langevin.models import LangevinFlow
 from pyro_langevin.options import ArgumentParser, add_run_arguments, check_run_options
 from pyro_langevin.plots import plot_rates_and_latents
 from pyro_langevin.posterior import posterior_means
 from pyro_langevin.smoothing import choose_smoothing_width, smooth_spikes
-from pyro_langevin.training import FitConfig, fit
+from pyro_langevin.spec import RunSpec, build, run_meta
+from pyro_langevin.training import fit
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,26 +38,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, session: Session) -> dict:
     """Check the options, fit, score and plot; return the metrics."""
-    meta = {"script": "lorenz", "quick": args.quick, "seed": args.seed}  # what a resumed run must match
-    opts = session.options = check_run_options(args, "lorenz", meta)
+    epochs = args.epochs or (15 if args.quick else 200)
+    spec = RunSpec().override({
+        "model.latent_dim": 16, "model.dt": 0.1, "guide.hidden": 64,
+        "fit.epochs": epochs, "fit.batch_size": 100, "fit.lr": 5e-3, "fit.weight_decay": 1e-5,
+        "fit.kl_ramp": 0.25, "fit.weight_decay_ramp": 0.25, "fit.val_every": 3 if args.quick else 5,
+        "fit.seed": args.seed,
+    })
+    meta = {"script": "lorenz", "quick": args.quick, "seed": args.seed}
+    opts = session.options = check_run_options(args, "lorenz", {**meta, "spec": spec.to_dict()})  # a resume must match
     device = opts.device
     if args.quick:
         data = make_lorenz(n_conditions=20, trials_per_condition=5, n_bins=30, seed=args.seed)
-        epochs = args.epochs or 15
     else:
         data = make_lorenz(seed=args.seed)
-        epochs = args.epochs or 200
 
-    model = LangevinFlow(data.train.n_neurons, latent_dim=16, dt=0.1)
-    guide = GRUGuide(model, data.train.n_heldin, hidden=64)
-    config = FitConfig(
-        epochs=epochs, batch_size=100, lr=5e-3, weight_decay=1e-5,
-        kl_ramp=0.25, weight_decay_ramp=0.25,
-        val_every=5 if not args.quick else 3, seed=args.seed,
-    )
+    model, guide = build(spec, data.train.n_neurons, data.train.n_heldin)  # initial state seeded by fit.seed
     t0 = time.perf_counter()
-    result = fit(model, guide, data.train, data.valid, config, device=device, checkpoint_dir=opts.checkpoint_dir,
-                 resume=opts.resume_from, progress=not args.no_progress, meta=meta)
+    result = fit(model, guide, data.train, data.valid, spec.fit, device=device, checkpoint_dir=opts.checkpoint_dir,
+                 resume=opts.resume_from, progress=not args.no_progress,
+                 meta=run_meta(spec, data.train.n_neurons, data.train.n_heldin, **meta))
     fit_seconds = time.perf_counter() - t0
 
     post = posterior_means(model, guide, data.valid.to(device), sites=("rates", "z"), n_samples=20)

@@ -57,8 +57,9 @@ def add_nlb_data_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
 def add_nlb_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_nlb_data_arguments(p)
     add_run_arguments(p, "nlb/DATASET-BINms-PHASE", "training epochs (default: per-dataset config)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a configuration field (pyro_langevin.nlb.config.NLBConfig), e.g. --set latent_dim=32")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of the run spec (pyro_langevin.nlb.config.NLBConfig) by its dotted "
+                        "key, e.g. --set model.latent_dim=32 --set fit.lr=1e-3 --set eval.n_models=1")
     p.add_argument("--cv", type=positive_int, default=None, metavar="K",
                    help="K-fold cross-validation over the training trials instead of a submission run: each "
                         "fold's model is scored on trials that chose nothing (writes cv.json and the K fold "
@@ -75,7 +76,7 @@ def _nlb(args: argparse.Namespace, session: Session) -> None:
                            overrides=args.set, seed=args.seed)
     check_nlb_tools()
     # what run_nlb records in its checkpoints: a resumed run must match it
-    meta = {"dataset": args.dataset, "bin_ms": args.bin_ms, "phase": args.phase, "config": cfg.to_dict(),
+    meta = {"dataset": args.dataset, "bin_ms": args.bin_ms, "phase": args.phase, "spec": cfg.to_dict(),
             "seed": args.seed}
     run = session.options = check_run_options(args, f"nlb/{args.dataset}-{args.bin_ms:02d}ms-{args.phase}", meta)
 
@@ -84,12 +85,12 @@ def _nlb(args: argparse.Namespace, session: Session) -> None:
                                           f"--overwrite); fold checkpoints are in {run.out}")
         _cross_validate(args, cfg, run)
         return
-    if cfg.n_models > 1:
+    if cfg.eval.n_models > 1:
         session.interrupt_note = lambda: (f"interrupted; each member's checkpoint is in {run.out}/member*/checkpoints; "
                                           "rerun with --resume")
     from pyro_langevin.nlb.pipeline import format_table, run_nlb  # heavy: after the checks
 
-    workers = args.workers or min(cfg.n_models, os.cpu_count() or 1)
+    workers = args.workers or min(cfg.eval.n_models, os.cpu_count() or 1)
     metrics = run_nlb(args.dataset, args.data_dir, args.bin_ms, args.phase, run.out, device=run.device,
                       seed=args.seed, quick=args.quick, config=cfg, resume=args.resume,
                       progress=not args.no_progress, threads=args.threads, workers=workers)
@@ -106,7 +107,7 @@ def _cross_validate(args: argparse.Namespace, cfg, run) -> None:
         raise OptionError("--cv runs cannot be resumed; start afresh with --overwrite")
     from pyro_langevin.nlb.cv import cross_validate, format_cv_table  # heavy: after the checks
 
-    workers = args.workers or min(args.cv * cfg.n_models, os.cpu_count() or 1)
+    workers = args.workers or min(args.cv * cfg.eval.n_models, os.cpu_count() or 1)
     result = cross_validate(args.dataset, args.data_dir, args.bin_ms, args.phase, run.out, k=args.cv, seed=args.seed,
                             config=cfg, device=run.device, threads=args.threads, workers=workers,
                             progress=not args.no_progress)

@@ -46,6 +46,7 @@ NLB_INSTALL = "pip install -e '.[nlb]' && pip install --no-deps nlb-tools==0.0.4
 
 #: Checkpoint/config fields a resumed run may change (as :func:`~pyro_langevin.training.fit` allows).
 RESUME_MAY_CHANGE = ("epochs", "patience", "checkpoint_every", "max_retries", "val_every")
+"""Settings a resumed run may change (the last part of a dotted key: ``fit.epochs``, or a flat name)."""
 
 
 class OptionError(ValueError):
@@ -215,8 +216,8 @@ def check_resume(last: Path, meta: Optional[Mapping[str, Any]] = None) -> Option
     last : Path
         The ``last.pt`` a resumed run would continue from. A missing file means starting afresh.
     meta : mapping, optional
-        Items the checkpoint's ``meta`` must hold with the same values (a ``config`` dict is
-        compared field by field, except :data:`RESUME_MAY_CHANGE`).
+        Items the checkpoint's ``meta`` must hold with the same values (nested dicts, such as a run
+        spec, are compared key by key, except :data:`RESUME_MAY_CHANGE`).
 
     Raises
     ------
@@ -241,41 +242,49 @@ def check_resume(last: Path, meta: Optional[Mapping[str, Any]] = None) -> Option
     return last
 
 
-def _differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    out = []
-    for key, value in wanted.items():
-        if key not in saved:
-            continue  # checkpoints of older versions do not record it
-        old = saved[key]
-        if isinstance(value, Mapping) and isinstance(old, Mapping):
-            out += [f"{k}={old[k]!r} there, {value[k]!r} here" for k in value
-                    if k in old and k not in RESUME_MAY_CHANGE and old[k] != value[k]]
-        elif old != value:
-            out.append(f"{key}={old!r} there, {value!r} here")
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
     return out
 
 
-def parse_overrides(items: Sequence[str], config: Any) -> dict[str, Any]:
-    """``["latent_dim=32", "kl_final=0.1"]`` -> ``{"latent_dim": 32, "kl_final": 0.1}``, typed by ``config``.
+def _differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """``KEY=old there, new here`` for every setting of ``wanted`` that ``saved`` holds differently;
+    keys ``saved`` lacks (older checkpoints) and :data:`RESUME_MAY_CHANGE` are skipped."""
+    old, new = _flatten(saved), _flatten(wanted)
+    return [f"{k}={old[k]!r} there, {v!r} here" for k, v in new.items()
+            if k in old and k.rsplit(".", 1)[-1] not in RESUME_MAY_CHANGE and old[k] != v]
 
-    Values are read as JSON (else as strings) and must match the type of the field in the
-    dataclass instance ``config``: integers for int fields, finite numbers for float fields,
-    ``true``/``false`` for bool fields, objects for dict fields.
+
+def parse_overrides(items: Sequence[str], spec: Any) -> dict[str, Any]:
+    """``["model.latent_dim=32", "fit.kl_final=0.1"]`` -> ``{"model.latent_dim": 32, "fit.kl_final": 0.1}``.
+
+    Keys are the dotted keys of the run spec ``spec`` (:class:`~pyro_langevin.spec.RunSpec`).
+    Values are read as JSON (else as strings) and must match the type of the current value:
+    integers for int fields, finite numbers for float fields, ``true``/``false`` for bool fields,
+    objects for dict fields.
     """
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    from pyro_langevin.spec import SpecError
+
     out = {}
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise OptionError(f"--set expects FIELD=VALUE, got {item!r}")
-        if key not in fields:
-            raise OptionError(f"--set {key}: unknown {type(config).__name__} field; known: {', '.join(fields)}")
+            raise OptionError(f"--set expects KEY=VALUE (e.g. fit.lr=1e-3), got {item!r}")
+        try:
+            current = spec.get(key)
+        except SpecError as exc:
+            raise OptionError(f"--set {one_line(exc)}") from None
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
             value = text
-        out[key] = _typed(key, value, fields[key], text)
+        out[key] = _typed(key, value, current, text)
     return out
 
 
@@ -323,32 +332,25 @@ def check_nlb_config(dataset: str, bin_ms: int, phase: str, *, quick: bool = Fal
     """The :class:`~pyro_langevin.nlb.config.NLBConfig` of an NLB run, every field checked.
 
     The per-dataset default (:func:`~pyro_langevin.nlb.config.default_config`), then ``--set``
-    overrides (typed by :func:`parse_overrides`), then ``epochs``. The training fields must make a
-    valid :class:`~pyro_langevin.training.FitConfig` and the model fields a model.
+    overrides (dotted keys, typed by :func:`parse_overrides`), then ``epochs``. Every section
+    validates its own fields, and the model and guide must build.
     """
     from pyro_langevin.nlb.config import default_config
     from pyro_langevin.nlb.data import check_args
-    from pyro_langevin.nlb.pipeline import build_model
-    from pyro_langevin.training import FitConfig
+    from pyro_langevin.spec import build
 
     check_args(dataset, bin_ms, phase)
     cfg = default_config(dataset, bin_ms, quick=quick)
     changes = parse_overrides(overrides, cfg)
     if epochs is not None:
-        changes["epochs"] = epochs
-    cfg = cfg.replace(**changes)
-    ranges = {"valid_frac": 0 < cfg.valid_frac < 1, "val_samples": cfg.val_samples >= 1,
-              "n_samples": cfg.n_samples >= 1}
-    bad = [f"{k}={getattr(cfg, k)!r}" for k, ok in ranges.items() if not ok]
-    if bad:
-        raise OptionError(f"invalid setting {', '.join(bad)} (valid_frac in (0, 1), sample counts >= 1)")
+        changes["fit.epochs"] = epochs
     try:
-        FitConfig(**cfg.fit_kwargs(seed))
+        cfg = cfg.override(changes)
     except ValueError as exc:
         raise OptionError(one_line(exc)) from None
     try:
         with torch.random.fork_rng(devices=[]):
-            build_model(cfg, n_neurons=4, n_heldin=2)
+            build(cfg, n_neurons=4, n_heldin=2)
     except Exception as exc:  # whatever the constructors reject, as one line
         raise OptionError(f"invalid model setting: {type(exc).__name__}: {one_line(exc)}") from None
     return cfg

@@ -115,12 +115,13 @@ def test_quick_runs_default_to_their_own_folder(tmp_path):
 
 # ----- one-line errors, exit status 2 --------------------------------------------------------------
 @pytest.mark.parametrize("args, words", [
-    (["--set", "latent_dim=abc"], "expected an integer"),
-    (["--set", "epochs=0"], "epochs"),
-    (["--set", "n_samples=0"], "n_samples=0"),
-    (["--set", "dt=NaN"], "finite number"),
-    (["--set", "d_model=15"], "invalid model setting"),
-    (["--set", "nope=1"], "unknown NLBConfig field"),
+    (["--set", "model.latent_dim=abc"], "expected an integer"),
+    (["--set", "fit.epochs=0"], "epochs"),
+    (["--set", "eval.export_draws=0"], "eval.export_draws=0"),
+    (["--set", "model.dt=NaN"], "finite number"),
+    (["--set", "model.d_model=15"], "invalid model setting"),
+    (["--set", "nope=1"], "unknown NLBConfig key"),
+    (["--set", "latent_dim=8"], "did you mean 'model.latent_dim'"),
     (["--device", "tpu"], "'tpu'"),
     (["--epochs", "-1"], "--epochs"),
     (["--epochs", "0"], "--epochs"),
@@ -160,11 +161,13 @@ def test_examples_refuse_values_they_used_to_replace(tmp_path, script, args, wor
 
 def test_overrides_are_typed_by_the_config():
     cfg = default_config("mc_maze_small", 5, quick=True)
-    got = parse_overrides(["latent_dim=8", "kl_final=1", "learn_gamma=true", "guide=bigru",
-                           'potential_kwargs={"quartic": 0.1}'], cfg)
-    assert got == {"latent_dim": 8, "kl_final": 1.0, "learn_gamma": True, "guide": "bigru",
-                   "potential_kwargs": {"quartic": 0.1}}
-    for bad in ("latent_dim=3.5", "latent_dim=true", "lr=abc", "learn_gamma=1", "potential_kwargs=3", "noequals"):
+    got = parse_overrides(["model.latent_dim=8", "fit.kl_final=1", "model.learn_gamma=true", "guide.name=bigru",
+                           'model.potential_kwargs={"quartic": 0.1}'], cfg)
+    assert got == {"model.latent_dim": 8, "fit.kl_final": 1.0, "model.learn_gamma": True, "guide.name": "bigru",
+                   "model.potential_kwargs": {"quartic": 0.1}}
+    assert cfg.override(got).model.potential_kwargs == {"quartic": 0.1}
+    for bad in ("model.latent_dim=3.5", "model.latent_dim=true", "fit.lr=abc", "model.learn_gamma=1",
+                "model.potential_kwargs=3", "noequals", "latent_dim=8"):
         with pytest.raises(OptionError):
             parse_overrides([bad], cfg)
 

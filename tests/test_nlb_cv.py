@@ -107,7 +107,7 @@ def test_fold_ensemble_run_averages_members_and_workers_change_nothing(tmp_path)
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
         runs[workers] = nlb_pipeline.run_nlb("mc_maze_small", DATA, 5, "val", out, quick=True, progress=False,
-                                             overrides={"n_models": 2}, workers=workers, log=lambda s: None)
+                                             overrides={"eval.n_models": 2}, workers=workers, log=lambda s: None)
     m = runs[1]
     assert m["n_models"] == 2 and len(m["members"]) == 2
     v0, v1 = (set(x["valid_trials"]) for x in m["members"])

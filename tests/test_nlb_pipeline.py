@@ -22,7 +22,8 @@ from pyro_langevin.nlb.data import load_nlb
 from pyro_langevin.guides import GRUGuide
 from pyro_langevin.models import LangevinFlow
 from pyro_langevin.nlb.scoring import evaluate_submission, rates_to_full
-from pyro_langevin.checkpoints import load_checkpoint
+from pyro_langevin.spec import load_run
+from pyro_langevin.training import ramp_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,7 @@ def test_quick_run_scores_and_submission(root, tmp_path, capsys, dataset, metric
         assert np.isfinite(list(m["eval"][who].values())).all()
         assert {"co-bps", "fp-bps"} <= set(m["local"][who])
         assert np.isfinite(list(m["local"][who].values())).all()
-    assert m["n_samples"] == 3 and m["epochs_run"] == 3 and 0 <= m["best_epoch"] < 3
+    assert m["export_draws"] == 3 and m["epochs_run"] == 3 and 0 <= m["best_epoch"] < 3
     # nlb_tools' own evaluate accepts both submissions and agrees with our scores
     target = root / f"{dataset}-20ms-val" / "eval_target.h5"
     for sub, who in ((m["submission"], "model"), (m["submission_smoothing"], "smoothing")):
@@ -92,10 +93,10 @@ def test_test_phase_writes_submission(root, tmp_path, capsys):
 def test_bidirectional_guide_option(root, tmp_path, capsys):
     out = tmp_path / "bigru"
     code, stdout, _ = run_cli(capsys, "--dataset", "mc_maze", "--data-dir", root, "--bin-ms", 20,
-                              "--phase", "test", "--quick", "--out", out, "--set", "guide=bigru")
+                              "--phase", "test", "--quick", "--out", out, "--set", "guide.name=bigru")
     assert code == 0
     m = json.loads(stdout.strip().splitlines()[-1])
-    assert m["config"]["guide"] == "bigru" and np.isfinite(m["local"]["model"]["co-bps"])
+    assert m["spec"]["guide"]["name"] == "bigru" and np.isfinite(m["local"]["model"]["co-bps"])
 
 
 def test_console_script_quick_run(root, tmp_path):
@@ -206,7 +207,7 @@ def test_export_uses_best_checkpoint_and_counts_per_bin(root, maze, tmp_path, mo
         return {"co_bps": -float(len(calls))}
 
     out = tmp_path / "best"
-    cfg = default_config("mc_maze", 20, quick=True, epochs=4, lr=0.05)
+    cfg = default_config("mc_maze", 20, quick=True, epochs=4, overrides={"fit.lr": 0.05})
     m = nlb_pipeline.run_nlb("mc_maze", root, 20, "val", out, config=cfg, metric_fn=decreasing,
                              progress=False, log=lambda s: None)
     assert m["best_epoch"] == 0 and m["epochs_run"] == 4
@@ -216,15 +217,14 @@ def test_export_uses_best_checkpoint_and_counts_per_bin(root, maze, tmp_path, mo
     rows = [i for i, idx in enumerate(seen["train"].index.tolist()) if idx in set(seen["valid"].index.tolist())]
     assert rows and not seen["train"].mask[rows][:, :, maze.n_heldin:].any()
 
-    def rates_from(ckpt_name):
-        model, guide = nlb_pipeline.build_model(cfg, maze.n_neurons, maze.n_heldin)
-        ckpt = load_checkpoint(out / "checkpoints" / ckpt_name)
-        model.load_state_dict(ckpt["model"])
-        guide.load_state_dict(ckpt["guide"])
-        return nlb_pipeline.export_rates(model, guide, maze, cfg.n_samples, seed=0), ckpt
+    def rates_from(which):
+        model, guide, spec, ckpt = load_run(out, which)
+        assert spec == cfg
+        rates = nlb_pipeline.export_rates(model, guide, maze, cfg.eval.export_draws, seed=0)
+        return rates.submission(maze.n_heldin, maze.n_observed_bins), ckpt
 
-    best, best_ckpt = rates_from("best.pt")
-    last, last_ckpt = rates_from("last.pt")
+    best, best_ckpt = rates_from("best")
+    last, last_ckpt = rates_from("last")
     assert best_ckpt["epoch"] == 0 and last_ckpt["epoch"] == 3
     sub = read_rates(out / "submission.h5", "mc_maze_20")
     for k, v in sub.items():
@@ -255,14 +255,17 @@ def test_default_configs_follow_the_reference():
     for name in ("mc_maze", "mc_maze_small", "area2_bump", "mc_rtt", "dmfc_rsg"):
         for bin_ms in (5, 20):
             cfg = default_config(name, bin_ms)
-            assert cfg.dt == bin_ms / 100 and cfg.n_samples == 50
+            assert cfg.model.dt == bin_ms / 100 and cfg.eval.export_draws == 50
             ref = REFERENCE[name]
-            assert (cfg.lr, cfg.weight_decay, cfg.cd_keep) == (ref["lr"], ref["weight_decay"], ref["cd_keep"])
-            assert cfg.gamma == pytest.approx(gamma_from_reference(ref["gamma"]), abs=1e-3)
-            assert cfg.fit_kwargs()["select_on"] == "co_bps"
+            assert (cfg.fit.lr, cfg.fit.weight_decay, cfg.fit.cd_keep) == (ref["lr"], ref["weight_decay"], ref["cd_keep"])
+            assert cfg.model.gamma == pytest.approx(gamma_from_reference(ref["gamma"]), abs=1e-3)
+            member = cfg.member_fit(seed=3)
+            assert (member.select_on, member.select_mode, member.seed) == ("co_bps", "max", 3)
+            # the ramps take the first quarter of the epochs, as 500 of 2000 in the reference
+            assert ramp_epochs(member.kl_ramp, member.epochs) == member.epochs // 4
     assert gamma_from_reference(0.55) == pytest.approx(3.99, abs=0.01)
-    with pytest.raises(NLBDataError, match="unknown NLBConfig field"):
-        default_config("mc_maze", 5, no_such_field=1)
+    with pytest.raises(NLBDataError, match="unknown NLBConfig key 'lr'; did you mean 'fit.lr'"):
+        default_config("mc_maze", 5, overrides={"lr": 1})
 
 
 # ----- bad input: one line, non-zero exit ---------------------------------------------------------
@@ -284,8 +287,8 @@ def test_bad_inputs_give_one_line_errors(root, tmp_path, capsys):
     _assert_one_line_error(*run_cli(capsys, "--dataset", "mc_maze", *base, "--bin-ms", 10), "bin size must be 5 or 20")
     _assert_one_line_error(*run_cli(capsys, "--dataset", "mc_maze", *base, "--bin-ms", "five"), "invalid int value")
     _assert_one_line_error(*run_cli(capsys, "--dataset", "mc_maze", *base, "--phase", "dev"), "phase must be")
-    _assert_one_line_error(*run_cli(capsys, "--dataset", "mc_maze", *base, "--set", "nope=1"), "unknown NLBConfig")
-    _assert_one_line_error(*run_cli(capsys, "--dataset", "mc_maze", *base, "--set", "guide=lstm"), "unknown guide 'lstm'")
+    _assert_one_line_error(*run_cli(capsys, "--dataset", "mc_maze", *base, "--set", "nope=1"), "unknown NLBConfig key")
+    _assert_one_line_error(*run_cli(capsys, "--dataset", "mc_maze", *base, "--set", "guide.name=lstm"), "unknown guide 'lstm'")
     _assert_one_line_error(*run_cli(capsys, "--data-dir", root), "required: --dataset")
 
 

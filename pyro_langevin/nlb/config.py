@@ -35,10 +35,14 @@ Where and why :func:`default_config` deviates from them:
 * **KL weight.** Ours ramps to 0.1, like the reference's. But the reference's KL term is not a
   KL (SPEC section 7: it is a ``5 ||v||^2`` penalty); ours is Pyro's analytic KL between Gaussian
   transitions. 0.1 did better than 1.0 on MC_Maze_Small (see :data:`DEFAULTS`).
-* **Model selection.** On co-bps of a validation split of the training trials (``valid_frac``
-  with one model; fold i of ``n_models`` for ensemble member i), from posterior-mean rates over
-  ``val_samples`` draws. Test-time rates average ``n_samples`` (50) draws per model.
-* **Ensembles.** ``n_models = 5`` on the small datasets (see :data:`_SMALL`), 1 on the large ones.
+* **Model selection.** On co-bps of a validation split of the training trials (``eval.valid_frac``
+  with one model; fold i of ``eval.n_models`` for ensemble member i), from posterior-mean rates over
+  ``eval.select_draws`` draws. Test-time rates average ``eval.export_draws`` (50) draws per model.
+* **Ensembles.** ``eval.n_models = 5`` on the small datasets (see :data:`_SMALL`), 1 on the large ones.
+
+Settings are dotted keys of :class:`NLBConfig` (``model.latent_dim``, ``guide.hidden``, ``fit.lr``,
+``eval.n_models`` ...): the tables below, ``--set KEY=VALUE`` on the command line, and
+``default_config(..., overrides={...})`` all use them.
 """
 
 from __future__ import annotations
@@ -46,12 +50,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.nlb.data import BIN_SIZES, DANDISETS
+from pyro_langevin.spec import RunSpec, SpecError
+from pyro_langevin.training import FitConfig
 
-__all__ = ["NLBConfig", "REFERENCE", "DEFAULTS", "default_config"]
+__all__ = ["NLBConfig", "EvalConfig", "REFERENCE", "DEFAULTS", "QUICK", "default_config"]
 
 #: The released code's hyperparameters (SPEC section 4): batch, lr, wd, gamma (per-step), CD keep, epochs.
 REFERENCE: Dict[str, Dict[str, float]] = {
@@ -71,82 +77,53 @@ def gamma_from_reference(gamma_ref: float, ref_bin_ms: int = 20) -> float:
 
 
 @dataclass
-class NLBConfig:
-    """Everything a train-and-score run of LangevinFlow on one NLB dataset needs.
+class EvalConfig:
+    """How an NLB run selects, exports and ensembles.
 
-    Model: ``latent_dim``, ``dt``, ``gamma``, ``learn_gamma``, ``potential`` (+ ``potential_kwargs``),
-    Transformer decoder ``d_model``/``n_heads``/``dim_feedforward``/``dropout``. Guide: ``guide``
-    (``"gru"``: filtering, reads bins up to t; ``"bigru"``: smoothing, reads the whole trial), GRU
-    ``hidden`` (per direction), ``guide_dropout``, ``initial_state`` (``"gru"`` only). Training: the :class:`FitConfig` fields
-    below. Evaluation: ``valid_frac`` (validation split of the training trials, for model
-    selection), ``val_samples`` (posterior draws for the validation metric), ``n_samples``
-    (posterior draws averaged for the exported rates; reference 50). Ensemble: ``n_models`` (1: one
-    model, validated on a random ``valid_frac`` split; K > 1: K members, member i validated on fold i
-    of the training trials and fitted on the others, their rates averaged).
+    ``valid_frac``: validation split of the training trials (model selection) for one model;
+    ``select_draws``: posterior draws behind the validation co-bps; ``export_draws``: posterior
+    draws averaged for the exported rates (reference 50); ``n_models``: 1 (one model, validated on a
+    random ``valid_frac`` split) or K > 1 (member i validated on fold i of the training trials and
+    fitted on the others, their rates averaged).
     """
 
-    # model
-    latent_dim: int = 16
-    dt: float = 0.05
-    gamma: float = 4.0
-    learn_gamma: bool = False
-    potential: str = "oscillators"
-    potential_kwargs: Dict[str, Any] = field(default_factory=dict)
-    d_model: int = 64
-    n_heads: int = 4
-    dim_feedforward: int = 128
-    dropout: float = 0.05
-    # guide
-    guide: str = "gru"
-    hidden: int = 64
-    guide_dropout: float = 0.05
-    initial_state: str = "backward"
-    # training (FitConfig)
-    epochs: int = 300
-    batch_size: int = 32
-    lr: float = 3e-3
-    weight_decay: float = 2e-5
-    optimizer: str = "adam"
-    kl_start: float = 0.0
-    kl_final: float = 1.0
-    cd_keep: float = 0.5
-    grad_clip: float = 200.0
-    val_every: int = 10
-    patience: int = 0
-    lr_plateau_patience: int = 6
-    lr_min: float = 1e-5
-    # evaluation
     valid_frac: float = 0.2
-    val_samples: int = 10
-    n_samples: int = 50
-    # ensemble
+    select_draws: int = 10
+    export_draws: int = 50
     n_models: int = 1
 
-    def fit_kwargs(self, seed: int = 0) -> Dict[str, Any]:
-        """Keyword arguments for :class:`~pyro_langevin.training.FitConfig` (selection on co-bps)."""
-        return dict(
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-            optimizer=self.optimizer,
-            weight_decay_ramp=0.25, kl_start=self.kl_start, kl_final=self.kl_final,
-            kl_ramp=0.25, cd_keep=self.cd_keep, grad_clip=self.grad_clip,
-            val_every=self.val_every, select_on="co_bps", select_mode="max", patience=self.patience,
-            lr_plateau_patience=self.lr_plateau_patience, lr_min=self.lr_min, seed=seed,
-        )
-
     def __post_init__(self) -> None:
-        if self.guide not in ("gru", "bigru"):
-            raise NLBDataError(f"unknown guide {self.guide!r} in the configuration; choose 'gru' or 'bigru'")
         if isinstance(self.n_models, bool) or not isinstance(self.n_models, int) or self.n_models < 1:
             raise NLBDataError(f"n_models must be an integer >= 1, got {self.n_models!r}")
+        bad = {"valid_frac": 0 < self.valid_frac < 1, "select_draws": self.select_draws >= 1,
+               "export_draws": self.export_draws >= 1}
+        wrong = [f"eval.{k}={getattr(self, k)!r}" for k, ok in bad.items() if not ok]
+        if wrong:
+            raise NLBDataError(f"invalid setting {', '.join(wrong)} (valid_frac in (0, 1), draw counts >= 1)")
 
-    def replace(self, **changes: Any) -> "NLBConfig":
-        unknown = [k for k in changes if k not in {f.name for f in dataclasses.fields(self)}]
-        if unknown:
-            raise NLBDataError(f"unknown NLBConfig field(s): {unknown}")
-        return dataclasses.replace(self, **changes)
 
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+#: What every NLB fit selects on: validation co-bps, the higher the better.
+SELECTION = dict(select_on="co_bps", select_mode="max")
+
+
+@dataclass
+class NLBConfig(RunSpec):
+    """Everything a train-and-score run of LangevinFlow on one NLB dataset needs: the run spec's
+    ``model``, ``guide`` and ``fit`` sections (:class:`~pyro_langevin.spec.RunSpec`) and ``eval``
+    (:class:`EvalConfig`). Override by dotted keys: ``cfg.override({"fit.lr": 1e-3})``.
+    """
+
+    fit: FitConfig = field(default_factory=lambda: FitConfig(**SELECTION))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.guide.name not in ("gru", "bigru"):
+            raise NLBDataError(f"unknown guide {self.guide.name!r} in the configuration; choose 'gru' or 'bigru'")
+        super().__post_init__()
+
+    def member_fit(self, seed: int) -> FitConfig:
+        """The fit configuration of one member (its own seed), selecting on validation co-bps."""
+        return dataclasses.replace(self.fit, seed=seed, **SELECTION)
 
 
 #: Per-dataset CPU defaults (5 ms bins; 20 ms changes dt and the epoch count, see default_config).
@@ -162,23 +139,31 @@ class NLBConfig:
 #: Five members, each validating on one fold of the training trials and fitting the other four,
 #: averaged: 5-fold cross-validation on MC_Maze_Small scored the ensemble +0.042 +- 0.002 co-bps
 #: above its single members at 5 ms (0.185 vs 0.144) and +0.056 +- 0.002 at 20 ms (0.264 vs
-#: 0.209). The large datasets keep one model (n_models=1).
-_SMALL = dict(latent_dim=32, hidden=128, dropout=0.3, guide_dropout=0.3, kl_final=0.1,
-              patience=8, lr_plateau_patience=3, n_models=5)
+#: 0.209). The large datasets keep one model (eval.n_models=1).
+_SMALL = {"model.latent_dim": 32, "guide.hidden": 128, "model.dropout": 0.3, "guide.dropout": 0.3,
+          "fit.kl_final": 0.1, "fit.patience": 8, "fit.lr_plateau_patience": 3, "eval.n_models": 5}
 DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "mc_maze_small": dict(_SMALL, batch_size=25, epochs=300),
-    "mc_maze_medium": dict(_SMALL, batch_size=32, epochs=300),
-    "area2_bump": dict(_SMALL, batch_size=32, epochs=300),
-    "dmfc_rsg": dict(_SMALL, batch_size=64, epochs=300),
+    "mc_maze_small": {**_SMALL, "fit.batch_size": 25, "fit.epochs": 300},
+    "mc_maze_medium": {**_SMALL, "fit.batch_size": 32, "fit.epochs": 300},
+    "area2_bump": {**_SMALL, "fit.batch_size": 32, "fit.epochs": 300},
+    "dmfc_rsg": {**_SMALL, "fit.batch_size": 64, "fit.epochs": 300},
     # Large datasets (~2000 trials) overfit less: less dropout, reference batch sizes; meant for a GPU.
-    "mc_maze_large": dict(_SMALL, dropout=0.2, guide_dropout=0.2, batch_size=64, epochs=200, n_models=1),
-    "mc_maze": dict(_SMALL, dropout=0.1, guide_dropout=0.1, batch_size=256, epochs=500, n_models=1),
-    "mc_rtt": dict(_SMALL, dropout=0.1, guide_dropout=0.1, batch_size=64, epochs=500, n_models=1),
+    "mc_maze_large": {**_SMALL, "model.dropout": 0.2, "guide.dropout": 0.2, "fit.batch_size": 64,
+                      "fit.epochs": 200, "eval.n_models": 1},
+    "mc_maze": {**_SMALL, "model.dropout": 0.1, "guide.dropout": 0.1, "fit.batch_size": 256,
+                "fit.epochs": 500, "eval.n_models": 1},
+    "mc_rtt": {**_SMALL, "model.dropout": 0.1, "guide.dropout": 0.1, "fit.batch_size": 64,
+               "fit.epochs": 500, "eval.n_models": 1},
 }
+
+#: The smoke-test configuration of ``quick`` runs: tiny networks, a few epochs, few draws.
+QUICK = {"model.latent_dim": 4, "guide.hidden": 8, "model.d_model": 16, "model.n_heads": 2,
+         "model.dim_feedforward": 16, "fit.epochs": 3, "fit.batch_size": 64, "fit.val_every": 1,
+         "eval.select_draws": 2, "eval.export_draws": 3, "eval.n_models": 1}
 
 
 def default_config(dataset: str, bin_ms: int = 5, quick: bool = False,
-                   epochs: Optional[int] = None, **overrides: Any) -> NLBConfig:
+                   epochs: Optional[int] = None, overrides: Optional[Mapping[str, Any]] = None) -> NLBConfig:
     """The default :class:`NLBConfig` for ``dataset`` at ``bin_ms`` (see the module docstring).
 
     Parameters
@@ -190,26 +175,27 @@ def default_config(dataset: str, bin_ms: int = 5, quick: bool = False,
         A smoke-test configuration: tiny networks, a few epochs, few posterior draws.
     epochs : int, optional
         Override the epoch count (ramps follow it).
-    **overrides
-        Any other :class:`NLBConfig` field.
+    overrides : mapping, optional
+        Dotted keys of :class:`NLBConfig` to change (``{"fit.lr": 1e-3}``), applied last.
     """
     if dataset not in DANDISETS:
         raise NLBDataError(f"unknown NLB dataset {dataset!r}; expected one of {sorted(DANDISETS)}")
     if isinstance(bin_ms, bool) or bin_ms not in BIN_SIZES:
         raise NLBDataError(f"bin size must be 5 or 20 ms (the NLB bin sizes), got {bin_ms!r}")
     ref = REFERENCE[dataset]
-    base = dict(
-        dt=bin_ms / 100.0,
-        gamma=round(gamma_from_reference(ref["gamma"]), 3),
-        lr=ref["lr"], weight_decay=ref["weight_decay"], cd_keep=ref["cd_keep"],
-    )
+    base = {"model.dt": bin_ms / 100.0, "model.gamma": round(gamma_from_reference(ref["gamma"]), 3),
+            "fit.lr": ref["lr"], "fit.weight_decay": ref["weight_decay"], "fit.cd_keep": ref["cd_keep"],
+            # the ramps take the first quarter of the epochs, as 500 of 2000 in the reference
+            "fit.kl_ramp": 0.25, "fit.weight_decay_ramp": 0.25, "fit.val_every": 10}
     base.update(DEFAULTS[dataset])
     if bin_ms == 20:  # 4x fewer bins per trial: each epoch is ~4x cheaper, so train longer
-        base["epochs"] = int(base["epochs"] * 2)
+        base["fit.epochs"] = int(base["fit.epochs"] * 2)
     if quick:
-        base.update(latent_dim=4, hidden=8, d_model=16, n_heads=2, dim_feedforward=16, epochs=3,
-                    batch_size=64, val_every=1, val_samples=2, n_samples=3, n_models=1)
+        base.update(QUICK)
     if epochs is not None:
-        base["epochs"] = int(epochs)
-    base.update(overrides)
-    return NLBConfig().replace(**base)
+        base["fit.epochs"] = int(epochs)
+    base.update(overrides or {})
+    try:
+        return NLBConfig().override(base)
+    except SpecError as exc:
+        raise NLBDataError(str(exc)) from None

@@ -11,7 +11,7 @@ Every accuracy number the project reports on real data comes from here. For fold
   decoder fitted on the fold's other training trials), and so is the smoothing baseline fitted
   on the same trials.
 
-With ``n_models = M > 1`` each fold trains the run's ensemble recipe on its other training trials
+With ``eval.n_models = M > 1`` each fold trains the run's ensemble recipe on its other training trials
 (M members, member i validated on fold i of them; :func:`~pyro_langevin.nlb.pipeline.fold_members`),
 so the score is that of the recipe ``run_nlb`` uses; each member is also scored alone.
 
@@ -37,10 +37,9 @@ from pyro_langevin.nlb.config import NLBConfig
 from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.nlb.data import NLBData, check_args, load_nlb
 from pyro_langevin.data.splits import kfold_indices
-from pyro_langevin.nlb.scoring import score_nlb, write_submission
+from pyro_langevin.nlb.scoring import Rates, score_nlb, write_submission
 from pyro_langevin.nlb.pipeline import (
-    MemberResult, MemberSpec, average_rates, fold_members, run_setup, score_smoothing_split, score_split,
-    submission_rates, train_members,
+    MemberResult, MemberSpec, fold_members, run_setup, score_smoothing_split, score_split, train_members,
 )
 
 __all__ = ["cross_validate", "summarize_folds", "format_cv_table"]
@@ -181,32 +180,32 @@ def cross_validate(
         rest_rows = np.setdiff1d(np.arange(data.n_train), parts[f])
         scored = data.train[torch.as_tensor(parts[f], dtype=torch.long)]
         rest = data.train[torch.as_tensor(rest_rows, dtype=torch.long)]
-        fold_specs = fold_members(rest, [scored, data.eval], cfg.n_models, cfg.valid_frac,
+        fold_specs = fold_members(rest, [scored, data.eval], cfg.eval.n_models, cfg.eval.valid_frac,
                                   seed + 1000 * (f + 1), out / f"fold{f}")
         for spec in fold_specs:
             spec.index = len(specs)
             specs.append(spec)
         splits[f] = (scored, rest, fold_specs)
-    meta = {"dataset": dataset, "bin_ms": bin_ms, "phase": phase, "config": cfg.to_dict(), "seed": seed, "cv_k": k}
+    meta = {"dataset": dataset, "bin_ms": bin_ms, "phase": phase, "seed": seed, "cv_k": k}
     trained = train_members(specs, cfg, data, dev, workers=workers, log=log, export_seed=seed, progress=progress,
                             meta=meta)
 
     records: List[Dict[str, Any]] = []
-    fold_ensembles: List[MemberResult] = []
+    fold_ensembles: List[Rates] = []
     for f in run:
         scored, rest, fold_specs = splits[f]
         members = [trained[s.index] for s in fold_specs]
-        rates = average_rates(members)
-        fold_ensembles.append(MemberResult(f, rates, -1, float("nan"), 0, False, 0.0))
-        singles = [score_split(m.rates["_train_full"], data, scored, rest) for m in members]
-        record = _fold_record(f, parts[f], fold_specs, score_split(rates["_train_full"], data, scored, rest),
+        rates = Rates.mean([m.rates for m in members])
+        fold_ensembles.append(rates)
+        singles = [score_split(m.rates, data, scored, rest) for m in members]
+        record = _fold_record(f, parts[f], fold_specs, score_split(rates, data, scored, rest),
                               score_smoothing_split(data, scored, rest), members, singles)
         records.append(record)
         log(f"fold {f}: co-bps {record['model']['co-bps']:.4f} (smoothing {record['smoothing']['co-bps']:.4f}), "
             f"fp-bps {record['model'].get('fp-bps', math.nan):.4f}, vel R2 {record['model'].get('vel R2', math.nan):.4f}"
             + ("; single members' co-bps " + ", ".join(f"{x['co-bps']:.4f}" for x in singles) if len(members) > 1 else ""))
 
-    ensemble_rates = submission_rates(average_rates(fold_ensembles))
+    ensemble_rates = Rates.mean(fold_ensembles).submission(data.n_heldin, data.n_observed_bins)
     sub = write_submission(out / "submission.h5", dataset, bin_ms, ensemble_rates)
     ensemble: Optional[Dict[str, Any]] = None
     if data.has_eval_target:
@@ -216,9 +215,9 @@ def cross_validate(
             ensemble = {"error": f"{type(exc).__name__}: {exc}"}
     result_json = {
         "dataset": dataset, "bin_ms": bin_ms, "phase": phase, "k": k, "seed": seed, "folds": records,
-        "summary": summarize_folds(records), "ensemble_eval": ensemble, "n_models": cfg.n_models,
-        "n_models_averaged": len(run) * cfg.n_models,
-        "submission": str(sub), "config": cfg.to_dict(), "device": str(dev),
+        "summary": summarize_folds(records), "ensemble_eval": ensemble, "n_models": cfg.eval.n_models,
+        "n_models_averaged": len(run) * cfg.eval.n_models,
+        "submission": str(sub), "spec": cfg.to_dict(), "device": str(dev),
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
     out.mkdir(parents=True, exist_ok=True)

@@ -9,20 +9,22 @@
    held-out neurons, observed and forward bins), plus its validation trials and the evaluation
    trials with only their held-in observed spikes: no validation or evaluation target reaches the
    likelihood.
-3. :func:`build_model`: a :class:`LangevinFlow` that predicts every neuron (held-in + held-out)
-   in every bin (observed + forward), and a :class:`GRUGuide` that reads held-in spikes only.
+3. :func:`~pyro_langevin.spec.build`: a :class:`LangevinFlow` that predicts every neuron (held-in +
+   held-out) in every bin (observed + forward), and a GRU guide that reads held-in spikes only.
 4. :func:`train_member` (through :func:`train_members`, optionally in worker processes):
    :func:`~pyro_langevin.training.fit` with ``select_on='co_bps'``, ``select_mode='max'`` on the
    member's validation trials (:func:`cobps_metric`), checkpoints in ``{out}/checkpoints`` (one
-   model) or ``{out}/member{i}/checkpoints``; then :func:`load_best` loads ``best.pt`` explicitly
-   (also after a resumed run) and :func:`export_rates` averages ``n_samples`` (default 50)
-   posterior draws: expected counts per bin for the training and evaluation trials.
-5. :func:`average_rates` over the members; scores through :mod:`pyro_langevin.nlb.scoring` for the
+   model) or ``{out}/member{i}/checkpoints``; then :func:`~pyro_langevin.spec.load_run` rebuilds
+   the model and guide from ``best.pt`` alone (also after a resumed run) and :func:`export_rates`
+   averages ``eval.export_draws`` (default 50) posterior draws: expected counts per bin for the
+   training and evaluation trials, in the batch layout (:class:`~pyro_langevin.nlb.scoring.Rates`).
+5. :meth:`Rates.mean <pyro_langevin.nlb.scoring.Rates.mean>` over the members; scores through :mod:`pyro_langevin.nlb.scoring` for the
    model and the smoothing baseline, in the same run: on each member's validation split
    (``local``: co-bps, fp-bps, vel R^2; optimistic, since those trials chose the checkpoint) and,
    when the eval target is known (phase ``val``), on the evaluation trials (``eval``: co-bps,
    fp-bps, vel R^2, psth R^2, tp corr as the dataset allows).
-6. ``submission.h5`` (and ``submission_smoothing.h5``) in nlb_tools' format, for both phases.
+6. ``submission.h5`` (and ``submission_smoothing.h5``) in nlb_tools' format, for both phases (the
+   only place, with scoring, where rates take nlb_tools' keys).
 
 Accuracy estimates come from :mod:`pyro_langevin.nlb.cv` (cross-validation of this recipe).
 """
@@ -30,6 +32,7 @@ Accuracy estimates come from :mod:`pyro_langevin.nlb.cv` (cross-validation of th
 from __future__ import annotations
 
 import concurrent.futures as futures
+import dataclasses
 import json
 import multiprocessing
 import platform
@@ -47,43 +50,18 @@ from pyro_langevin.nlb.config import NLBConfig, default_config
 from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.nlb.data import NLBData, check_args, load_nlb
 from pyro_langevin.data.splits import build_training_batch, kfold_indices, split_train_valid
-from pyro_langevin.guides.base import StepwiseGuide
-from pyro_langevin.guides.bigru import BiGRUGuide
-from pyro_langevin.guides.gru import GRUGuide
-from pyro_langevin.models.langevin_flow import LangevinFlow
-from pyro_langevin.nlb.scoring import (
-    rates_to_full, score_local, score_nlb, split_rates, write_submission,
-)
 from pyro_langevin.nlb.baseline import smoothing_baseline
+from pyro_langevin.nlb.scoring import Rates, rates_to_full, score_local, score_nlb, write_submission
 from pyro_langevin.posterior import posterior_rates
-from pyro_langevin.checkpoints import load_checkpoint
-from pyro_langevin.training import FitConfig, default_device, fit
+from pyro_langevin.spec import build, load_run, run_meta
+from pyro_langevin.training import default_device, fit
 
 __all__ = [
-    "build_model", "cobps_metric", "load_best", "export_rates",
-    "run_nlb", "run_setup", "submission_rates", "format_table", "score_split", "score_smoothing_split",
-    "MemberSpec", "MemberResult", "fold_members", "train_member", "train_members", "average_rates",
+    "cobps_metric", "export_rates", "run_nlb", "run_setup", "format_table", "score_split", "score_smoothing_split",
+    "MemberSpec", "MemberResult", "fold_members", "train_member", "train_members",
 ]
 
 PathLike = Union[str, Path]
-
-
-def build_model(config: NLBConfig, n_neurons: int, n_heldin: int) -> Tuple[LangevinFlow, StepwiseGuide]:
-    """LangevinFlow over all ``n_neurons`` and a GRU guide (``config.guide``: ``"gru"``, filtering,
-    or ``"bigru"``, smoothing) reading the ``n_heldin`` held-in neurons."""
-    model = LangevinFlow(
-        n_neurons, latent_dim=config.latent_dim, dt=config.dt, gamma=config.gamma,
-        learn_gamma=config.learn_gamma, potential=config.potential,
-        potential_kwargs=dict(config.potential_kwargs) or None,
-        decoder_kwargs=dict(d_model=config.d_model, n_heads=config.n_heads,
-                            dim_feedforward=config.dim_feedforward, dropout=config.dropout),
-    )
-    if config.guide == "bigru":
-        guide = BiGRUGuide(model, n_heldin, hidden=config.hidden, dropout=config.guide_dropout)
-    else:
-        guide = GRUGuide(model, n_heldin, hidden=config.hidden, initial_state=config.initial_state,
-                         dropout=config.guide_dropout)
-    return model, guide
 
 
 def cobps_metric(n_samples: int = 10, seed: int = 0) -> Callable[[Any, Any, Batch], Dict[str, float]]:
@@ -103,50 +81,23 @@ def cobps_metric(n_samples: int = 10, seed: int = 0) -> Callable[[Any, Any, Batc
     return metric
 
 
-def load_best(model: torch.nn.Module, guide: torch.nn.Module, checkpoint_dir: PathLike,
-              device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
-    """Load ``{checkpoint_dir}/best.pt`` into ``model`` and ``guide``; return the checkpoint.
-
-    The exported rates must come from the best validation state, never from the last epoch's.
-    """
-    path = Path(checkpoint_dir) / "best.pt"
-    ckpt = load_checkpoint(path, map_location=device)
-    model.load_state_dict(ckpt["model"])
-    guide.load_state_dict(ckpt["guide"])
-    return ckpt
-
-
 def export_rates(model, guide, data: NLBData, n_samples: int = 50, seed: int = 0,
-                 device: Union[str, torch.device] = "cpu") -> Dict[str, np.ndarray]:
-    """Posterior-mean rates (mean over ``n_samples`` draws, counts per bin) under nlb_tools' keys.
-
-    Training trials get ``train_rates_heldin``/``_heldout``; evaluation trials also get the
-    forward-bin rates. The draws are seeded, so the same state gives the same rates.
-    """
+                 device: Union[str, torch.device] = "cpu") -> Rates:
+    """Posterior-mean rates (mean over ``n_samples`` draws, counts per bin) of every training and
+    evaluation trial, in the batch layout. The draws are seeded: the same state gives the same rates."""
     pyro.set_rng_seed(seed)
-    r_train = posterior_rates(model, guide, data.train.to(device), n_samples=n_samples).numpy()
-    r_eval = posterior_rates(model, guide, data.eval.to(device), n_samples=n_samples).numpy()
-    t, n_in = data.n_observed_bins, data.n_heldin
-    rates = split_rates(r_train, n_in, t, "train")
-    rates.update(split_rates(r_eval, n_in, t, "eval"))
-    rates["_train_full"] = r_train  # Batch layout (trial, T+F, N): for local scoring
-    return rates
+    return Rates(posterior_rates(model, guide, data.train.to(device), n_samples=n_samples).numpy(),
+                 posterior_rates(model, guide, data.eval.to(device), n_samples=n_samples).numpy())
 
 
-def submission_rates(rates: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """The nlb_tools keys of :func:`export_rates`' (or averaged) rates, without the private batch-layout copy."""
-    return {k: v for k, v in rates.items() if not k.startswith("_")}
-
-
-def score_split(rates_train_full: np.ndarray, data: NLBData, scored: Batch, decoder_fit: Batch) -> Dict[str, float]:
+def score_split(rates: Rates, data: NLBData, scored: Batch, decoder_fit: Batch) -> Dict[str, float]:
     """co-bps / fp-bps / vel R^2 of training trials ``scored``; the velocity decoder fits on ``decoder_fit``.
 
-    ``rates_train_full`` holds rates for every trial of ``data.train`` in the Batch layout; the
-    rows of ``scored`` and ``decoder_fit`` are found by their trial ``index``.
+    The rows of ``scored`` and ``decoder_fit`` in ``rates.train`` are found by their trial ``index``.
     """
     pos = {int(i): k for k, i in enumerate(data.train.index.tolist())}
     rows = lambda b: [pos[int(i)] for i in b.index.tolist()]  # noqa: E731
-    return score_local(rates_train_full[rows(scored)], scored, rates_train_full[rows(decoder_fit)], decoder_fit)
+    return score_local(rates.train[rows(scored)], scored, rates.train[rows(decoder_fit)], decoder_fit)
 
 
 def score_smoothing_split(data: NLBData, scored: Batch, decoder_fit: Batch) -> Dict[str, float]:
@@ -227,7 +178,7 @@ class MemberResult:
     """What one trained member gives back (all plain data: it crosses process boundaries)."""
 
     index: int
-    rates: Dict[str, np.ndarray]
+    rates: Rates
     best_epoch: int
     best_metric: float
     epochs_run: int
@@ -273,31 +224,31 @@ def train_member(
 ) -> MemberResult:
     """Train one member, load its best checkpoint and export its posterior-mean rates.
 
-    The rates (counts per bin, mean of ``cfg.n_samples`` draws) come from ``best.pt``, never
-    from the last epoch, for every training and evaluation trial (see
-    :func:`~pyro_langevin.nlb.pipeline.export_rates`).
+    The rates (counts per bin, mean of ``cfg.eval.export_draws`` draws) come from ``best.pt``, never
+    from the last epoch, for every training and evaluation trial (see :func:`export_rates`): the
+    model and guide are rebuilt from that checkpoint alone (:func:`~pyro_langevin.spec.load_run`).
     """
     dev = torch.device(device)
     if dev.type == "cpu" and threads:
         torch.set_num_threads(int(threads))
     train = spec.training_batch()
-    pyro.clear_param_store()
-    torch.manual_seed(spec.seed)
-    model, guide = build_model(cfg, data.n_neurons, data.n_heldin)
+    pyro.clear_param_store()  # members trained one after another in a process: free the last one's tensors
+    cfg = dataclasses.replace(cfg, fit=cfg.member_fit(spec.seed))  # the member's own seed, stored with it
+    model, guide = build(cfg, data.n_neurons, data.n_heldin)
     last = spec.checkpoint_dir / "last.pt"
     resume_from = last if resume and last.is_file() else None
     if resume and resume_from is None:
         log(f"no checkpoint at {last}: starting afresh")
     t_fit = time.perf_counter()
-    result = fit(model, guide, train, spec.valid, FitConfig(**cfg.fit_kwargs(spec.seed)), device=dev,
-                 metric_fn=metric_fn or cobps_metric(cfg.val_samples, export_seed),
+    result = fit(model, guide, train, spec.valid, cfg.fit, device=dev,
+                 metric_fn=metric_fn or cobps_metric(cfg.eval.select_draws, export_seed),
                  checkpoint_dir=spec.checkpoint_dir, resume=resume_from, progress=progress,
-                 meta=dict(meta or {}, member=spec.index))
+                 meta=run_meta(cfg, data.n_neurons, data.n_heldin, **(meta or {}), member=spec.index))
     seconds = time.perf_counter() - t_fit
-    best = load_best(model, guide, spec.checkpoint_dir, dev)
-    log(f"exporting rates from {spec.checkpoint_dir / 'best.pt'}: mean of {cfg.n_samples} posterior draws for "
-        f"{data.n_train} training and {data.n_eval} evaluation trials ...")
-    rates = export_rates(model, guide, data, cfg.n_samples, export_seed, dev)
+    model, guide, _, best = load_run(spec.checkpoint_dir, "best", map_location=dev)
+    log(f"exporting rates from {spec.checkpoint_dir / 'best.pt'}: mean of {cfg.eval.export_draws} posterior "
+        f"draws for {data.n_train} training and {data.n_eval} evaluation trials ...")
+    rates = export_rates(model, guide, data, cfg.eval.export_draws, export_seed, dev)
     curve = [[int(h["epoch"]), round(float(h["co_bps"]), 4)] for h in result.history if "co_bps" in h]
     return MemberResult(spec.index, rates, int(best["best_epoch"]), float(best["best_metric"]),
                         len(result.history), result.stopped_early, round(seconds, 1), curve)
@@ -352,24 +303,23 @@ def _log_member(res: MemberResult, n: int, log: Callable[[str], None]) -> None:
         f"{res.best_metric:.4f} at epoch {res.best_epoch}")
 
 
-def average_rates(results: Sequence[MemberResult]) -> Dict[str, np.ndarray]:
-    """Mean of the members' rates, key by key (counts per bin)."""
-    keys = results[0].rates.keys()
-    return {k: np.mean([r.rates[k] for r in results], axis=0) for k in keys}
-
-
 def run_setup(dataset: str, bin_ms: int, quick: bool, config: Optional[NLBConfig], overrides: Optional[Dict[str, Any]],
               epochs: Optional[int], device: Optional[Union[str, torch.device]],
               threads: Optional[int]) -> Tuple[NLBConfig, torch.device]:
-    """The configuration (default or ``config``, then ``overrides``, then ``epochs``) and the device of
-    a run; sets the torch CPU threads (default 1). Shared by :func:`run_nlb` and cross-validation."""
+    """The configuration (default or ``config``, then ``overrides`` by dotted key, then ``epochs``) and
+    the device of a run; sets the torch CPU threads (default 1). Shared by :func:`run_nlb` and
+    cross-validation."""
     cfg = config if config is not None else default_config(dataset, bin_ms, quick=quick)
-    if overrides:
-        cfg = cfg.replace(**overrides)
+    changes = dict(overrides or {})
     if epochs is not None:
         if isinstance(epochs, bool) or int(epochs) < 1:
             raise NLBDataError(f"epochs must be a positive integer, got {epochs!r}")
-        cfg = cfg.replace(epochs=int(epochs))
+        changes["fit.epochs"] = int(epochs)
+    if changes:
+        try:
+            cfg = cfg.override(changes)
+        except ValueError as exc:
+            raise NLBDataError(str(exc)) from None
     dev = torch.device(device) if device else default_device()
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise NLBDataError("device 'cuda' asked for, but no CUDA GPU is available")
@@ -420,12 +370,13 @@ def run_nlb(
     resume : bool
         Continue from ``{out}/checkpoints/last.pt`` when it exists.
     overrides : dict, optional
-        :class:`~pyro_langevin.nlb.config.NLBConfig` fields to change (after ``config``/defaults).
+        Dotted keys of :class:`~pyro_langevin.nlb.config.NLBConfig` to change (``{"fit.lr": 1e-3}``),
+        after ``config``/defaults.
     threads : int, optional
         ``torch.set_num_threads`` on CPU; default 1 (this model is many small sequential ops:
         more threads do not help and, on a loaded machine, slow it down many times over).
     workers : int, optional
-        With ``config.n_models > 1`` on CPU, train that many members at once in worker processes
+        With ``config.eval.n_models > 1`` on CPU, train that many members at once in worker processes
         (one torch thread each); default 1.
     metric_fn : callable, optional
         Replaces the validation metric (must return ``co_bps``); for tests and experiments.
@@ -441,28 +392,28 @@ def run_nlb(
     check_args(dataset, bin_ms, phase)
     cfg, dev = run_setup(dataset, bin_ms, quick, config, overrides, epochs, device, threads)
     out = Path(out)
-    n_models = cfg.n_models
+    n_models = cfg.eval.n_models
 
     data = load_nlb(dataset, data_dir, bin_ms=bin_ms, phase=phase)
-    specs = fold_members(data.train, [data.eval], n_models, cfg.valid_frac, seed, out)
+    specs = fold_members(data.train, [data.eval], n_models, cfg.eval.valid_frac, seed, out)
     split = (f"{specs[0].fit_trials.n_trials} fit, {specs[0].valid.n_trials} validation" if n_models == 1 else
              f"{n_models} members, each validating on one of {n_models} folds and fitting the others")
     log(f"{dataset} {bin_ms} ms {phase}: {data.n_train} training trials ({split}), {data.n_eval} evaluation "
         f"trials; {data.n_heldin} held-in + {data.n_heldout} held-out neurons; "
         f"{data.n_observed_bins} + {data.n_forward_bins} bins")
 
-    meta = {"dataset": dataset, "bin_ms": bin_ms, "phase": phase, "config": cfg.to_dict(), "seed": seed}
+    meta = {"dataset": dataset, "bin_ms": bin_ms, "phase": phase, "seed": seed}
     t_fit = time.perf_counter()
     members = train_members(specs, cfg, data, dev, workers=workers or 1, log=log, export_seed=seed, resume=resume,
                             progress=progress, metric_fn=metric_fn, meta=meta)
     fit_seconds = time.perf_counter() - t_fit
-    rates = average_rates(members)
+    rates = Rates.mean([m.rates for m in members])
     log("scoring the model and the smoothing baseline ...")
     t_step = time.perf_counter()
     baseline = smoothing_baseline(data.train, data.eval, bin_ms, dataset)
 
     # Each member scored on its own validation split, which also picked its checkpoint: optimistic.
-    local = [(score_split(m.rates["_train_full"], data, s.valid, s.fit_trials),
+    local = [(score_split(m.rates, data, s.valid, s.fit_trials),
               score_smoothing_split(data, s.valid, s.fit_trials)) for m, s in zip(members, specs)]
     metrics: Dict[str, Any] = {
         "dataset": dataset, "bin_ms": bin_ms, "phase": phase, "n_models": n_models,
@@ -472,11 +423,12 @@ def run_nlb(
                   "smoothing": _clean(_mean_scores([b for _, b in local]))},
         "eval": None,
     }
-    sub = write_submission(out / "submission.h5", dataset, bin_ms, submission_rates(rates))
+    nlb_rates = rates.submission(data.n_heldin, data.n_observed_bins)
+    sub = write_submission(out / "submission.h5", dataset, bin_ms, nlb_rates)
     sub_base = write_submission(out / "submission_smoothing.h5", dataset, bin_ms, baseline)
     if data.has_eval_target:
         try:
-            metrics["eval"] = {"model": _clean(score_nlb(data, rates)),
+            metrics["eval"] = {"model": _clean(score_nlb(data, nlb_rates)),
                                "smoothing": _clean(score_nlb(data, baseline))}
         except ValueError as exc:  # e.g. too few evaluation trials per condition for tp corr
             log(f"warning: scoring the evaluation trials failed ({type(exc).__name__}: {exc}); "
@@ -486,9 +438,9 @@ def run_nlb(
     first = members[0]
     metrics.update({
         "best_epoch": first.best_epoch, "best_valid_co_bps": float(np.mean([m.best_metric for m in members])),
-        "epochs_run": first.epochs_run, "epochs": cfg.epochs, "stopped_early": first.stopped_early,
+        "epochs_run": first.epochs_run, "epochs": cfg.fit.epochs, "stopped_early": first.stopped_early,
         "fit_seconds": round(fit_seconds, 1), "total_seconds": round(time.perf_counter() - t_start, 1),
-        "n_samples": cfg.n_samples, "device": str(dev), "seed": seed, "quick": quick,
+        "export_draws": cfg.eval.export_draws, "device": str(dev), "seed": seed, "quick": quick,
         "torch_threads": torch.get_num_threads(), "workers": workers or 1, "host": platform.node(),
         "valid_curve": first.valid_curve,
         "members": [{"member": m.index, "best_epoch": m.best_epoch, "best_valid_co_bps": m.best_metric,
@@ -496,7 +448,7 @@ def run_nlb(
                      "valid": _clean(sc), "valid_trials": [int(i) for i in s.valid.index.tolist()]}
                     for m, s, (sc, _) in zip(members, specs, local)],
         "submission": str(sub), "submission_smoothing": str(sub_base),
-        "checkpoint": str(specs[0].checkpoint_dir / "best.pt"), "config": cfg.to_dict(),
+        "checkpoint": str(specs[0].checkpoint_dir / "best.pt"), "spec": cfg.to_dict(),
     })
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))

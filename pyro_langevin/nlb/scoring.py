@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from pyro_langevin.nlb.data import NLBData, check_args, group_name
 
 __all__ = [
     "RATE_KEYS", "RateUnitsError", "check_rates", "masked_counts",
-    "score_eval", "score_nlb", "score_local", "split_rates", "rates_to_full",
+    "score_eval", "score_nlb", "score_local", "split_rates", "rates_to_full", "Rates",
     "write_submission", "evaluate_submission",
 ]
 
@@ -170,6 +171,28 @@ def split_rates(full: ArrayLike, n_heldin: int, n_observed_bins: int, prefix: st
         out["eval_rates_heldin_forward"] = r[:, t:, :n_in]
         out["eval_rates_heldout_forward"] = r[:, t:, n_in:]
     return out
+
+
+@dataclass
+class Rates:
+    """Rates of a run in the batch layout, counts per bin: ``train`` and ``eval`` are
+    (trial, T + F, N_in + N_out), held-out neurons and forward bins as trailing slices, trials in the
+    order of the data's training and evaluation batches. Converted to nlb_tools' keys only to be
+    written or scored (:meth:`submission`)."""
+
+    train: np.ndarray
+    eval: np.ndarray
+
+    def submission(self, n_heldin: int, n_observed_bins: int) -> Dict[str, np.ndarray]:
+        """nlb_tools' rate keys (:data:`RATE_KEYS`): held-in/held-out of both splits, forward of ``eval``."""
+        out = split_rates(self.train, n_heldin, n_observed_bins, "train")
+        out.update(split_rates(self.eval, n_heldin, n_observed_bins, "eval"))
+        return out
+
+    @classmethod
+    def mean(cls, rates: Sequence["Rates"]) -> "Rates":
+        """The average of several runs' rates (an ensemble)."""
+        return cls(np.mean([r.train for r in rates], axis=0), np.mean([r.eval for r in rates], axis=0))
 
 
 def rates_to_full(rates: Mapping[str, ArrayLike], prefix: str) -> np.ndarray:
