@@ -381,8 +381,10 @@ def _fit(tuner) -> tuple:
     return grid, interrupted
 
 
-def _progress_callback(log: Callable[[str], None], every_s: float = 30.0):
-    """One line per finished trial, and a status line at most every ``every_s`` seconds."""
+def _progress_callback(log: Callable[[str], None], history: Path, every_s: float = 30.0):
+    """One line per finished trial, and a status line at most every ``every_s`` seconds; every
+    result appended to the CSV ``history`` (time, trial, epoch, co-bps: the population plot's data,
+    kept across ``--resume``)."""
     from ray import tune
 
     class Lines(tune.Callback):
@@ -391,6 +393,10 @@ def _progress_callback(log: Callable[[str], None], every_s: float = 30.0):
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self.best = max(self.best, result.get(BEST, -math.inf))
+            new = not history.is_file()
+            with history.open("a") as f:
+                f.write("time,trial_id,epoch,val_co_bps,best_val_co_bps\n" if new else "")
+                f.write(f"{time.time():.3f},{trial.trial_id},{result.get('epoch')},{result.get(METRIC)},{result.get(BEST)}\n")
             now = time.time()
             if now - self.last >= every_s:
                 self.last = now
@@ -434,23 +440,23 @@ def _summarize(grid, out: Path, space_keys: Sequence[str]) -> List[Dict[str, Any
     return rows
 
 
-def _plot(grid, path: Path) -> Path:
-    """Each trial's validation co-bps against the search's wall-clock time (minutes)."""
+def _plot(history: Path, path: Path) -> Path:
+    """Each trial's validation co-bps against the search's wall-clock time (minutes), from the
+    results recorded in ``history`` (a PBT exploit shows as a jump to the donor's level)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import pandas as pd
 
-    frames = [res.metrics_dataframe for res in grid]
-    frames = [f for f in frames if f is not None and METRIC in f and len(f)]
+    frame = pd.read_csv(history) if history.is_file() else pd.DataFrame(columns=["time", "trial_id", METRIC])
     fig, ax = plt.subplots(figsize=(7, 4))
-    if frames:
-        t0 = min(float(f["timestamp"].min()) for f in frames)
-        for f in frames:
-            ax.plot((f["timestamp"] - t0) / 60.0, f[METRIC], ".-", lw=1, ms=3)
+    t0 = frame["time"].min() if len(frame) else 0.0
+    for trial_id, f in frame.groupby("trial_id"):
+        ax.plot((f["time"] - t0) / 60.0, f[METRIC], ".-", lw=1, ms=3, label=str(trial_id))
     ax.set_xlabel("search time (min)")
     ax.set_ylabel("validation co-bps")
-    ax.set_title(f"population: {len(frames)} trials")
+    ax.set_title(f"population: {frame['trial_id'].nunique()} trials")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -592,7 +598,7 @@ def tune(
                                           num_samples=num_samples, time_budget_s=time_budget,
                                           reuse_actors=True),
                 run_config=rt.RunConfig(name="search", storage_path=root, verbose=0,
-                                        callbacks=[_progress_callback(log)],
+                                        callbacks=[_progress_callback(log, out / "population.csv")],
                                         checkpoint_config=rt.CheckpointConfig(num_to_keep=None)),
             )
         grid, interrupted = _fit(tuner)
@@ -603,7 +609,9 @@ def tune(
         if not rows or not math.isfinite(rows[0][BEST]):
             raise OptionError(f"no trial reported a validation score; see the trial logs in {experiment}")
         top = rows[:max(1, top_k)]
-        rates, saved = _export(top, data, seed, device if ray.cluster_resources().get("GPU") else "cpu")
+        import torch  # the export runs here, in the driver: on its own GPU if it has one
+
+        rates, saved = _export(top, data, seed, "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
     finally:
         if started:
             ray.shutdown()
@@ -614,7 +622,7 @@ def tune(
         BEST: rows[0][BEST], "best_epoch": rows[0]["best_epoch"], "params": saved["params"], "config": saved["spec"],
         "top_k": [r["trial_id"] for r in top], "n_trials": len(rows), "search_seconds": round(seconds, 1),
         "unfinished": unfinished, "interrupted": interrupted, "submission": str(sub), "trials_csv": str(out / "trials.csv"),
-        "plot": str(_plot(grid, out / "population.png")), "experiment": experiment,
+        "plot": str(_plot(out / "population.csv", out / "population.png")), "experiment": experiment,
     }
     (out / "best_config.json").write_text(json.dumps(best, indent=2, default=float))
     return best

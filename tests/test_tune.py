@@ -145,6 +145,8 @@ def test_quick_search_writes_outputs(local_ray, maze, tmp_path, capsys):
     assert set(best["params"]) == {"lr", "kl_final", "dropout", "cd_keep", "weight_decay"}  # PBT: sizes fixed
     assert best["config"]["model"]["latent_dim"] == 4
     assert (out / "population.png").stat().st_size > 1000 and (out / "search").is_dir()
+    history = pd.read_csv(out / "population.csv")  # every reported result, the plot's data
+    assert set(history["trial_id"]) == set(trials["trial_id"]) and len(history) >= 8
     check_submission(out / "submission.h5", maze)
 
 
@@ -169,6 +171,7 @@ def test_resume_continues_an_interrupted_search(local_ray, tmp_path):
                 config=default_config("mc_maze_small", 5, quick=True, epochs=8), log=lambda s: None)
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == 2 and (trials["epochs"] == 8).all() and not best["unfinished"]
+    assert len(pd.read_csv(out / "population.csv")) == 2 * 8  # each validation reported once over both runs
     for folder, n in before.items():  # continued: the earlier iterations are kept, not redone
         progress = pd.read_csv(out / "search" / folder / "progress.csv")
         assert progress["training_iteration"].tolist() == list(range(1, 9))
