@@ -223,18 +223,13 @@ def train_trial(cfg, params: Mapping[str, Any], data, work: PathLike, report: Ca
     validation), ``best_val_co_bps`` (best so far, the state in ``best.pt``), ``epoch`` (epochs
     done), ``best_epoch`` (0-based).
     """
-    import pyro
-    import torch
-
     from pyro_langevin.checkpoints import load_checkpoint
-    from pyro_langevin.nlb.pipeline import cobps_metric, fold_members
-    from pyro_langevin.spec import build, run_meta
+    from pyro_langevin.nlb.pipeline import build_member, cobps_metric, fold_members
+    from pyro_langevin.spec import run_meta
     from pyro_langevin.training import fit
 
     spec = fold_members(data.train, [data.eval], 1, cfg.eval.valid_frac, seed, Path(work))[0]
-    pyro.clear_param_store()
-    torch.manual_seed(spec.seed)
-    model, guide = build(cfg, data.n_neurons, data.n_heldin)
+    cfg, model, guide = build_member(spec, cfg, data)
     best = {"metric": -math.inf, "epoch": -1}
     if resume is not None:
         saved = load_checkpoint(resume)
@@ -250,7 +245,7 @@ def train_trial(cfg, params: Mapping[str, Any], data, work: PathLike, report: Ca
 
     with warnings.catch_warnings():  # a PBT mutation changes the config on purpose
         warnings.filterwarnings("ignore", message="resuming with a different config")
-        fit(model, guide, spec.training_batch(), spec.valid, cfg.member_fit(spec.seed), device=device,
+        fit(model, guide, spec.training_batch(), spec.valid, cfg.fit, device=device,
             metric_fn=cobps_metric(cfg.eval.select_draws, seed), checkpoint_dir=spec.checkpoint_dir, resume=resume,
             progress=False, meta=run_meta(cfg, data.n_neurons, data.n_heldin, params=dict(params), seed=seed),
             callback=on_epoch, handle_signals=False)
@@ -576,8 +571,8 @@ def tune(
     experiment = f"{root.rstrip('/')}/search"
     if resume and not rt.Tuner.can_restore(experiment):
         raise OptionError(f"--resume: no search to continue in {experiment}")
-    if not resume and Path(experiment).exists():
-        raise OptionError(f"{experiment} holds an earlier search; pass --resume to continue it or choose another --out")
+    if not resume and (Path(experiment).exists() or (out / "population.csv").exists()):
+        raise OptionError(f"{out} holds an earlier search; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
 
     data = load_nlb(dataset, data_dir, bin_ms=bin_ms, phase=phase)

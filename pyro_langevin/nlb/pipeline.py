@@ -58,7 +58,7 @@ from pyro_langevin.training import default_device, fit
 
 __all__ = [
     "cobps_metric", "export_rates", "run_nlb", "run_setup", "format_table", "score_split", "score_smoothing_split",
-    "MemberSpec", "MemberResult", "fold_members", "train_member", "train_members",
+    "MemberSpec", "MemberResult", "fold_members", "build_member", "train_member", "train_members",
 ]
 
 PathLike = Union[str, Path]
@@ -208,6 +208,15 @@ def fold_members(train: Batch, heldin_only: Sequence[Batch], n_models: int, vali
     return specs
 
 
+def build_member(spec: MemberSpec, cfg: NLBConfig, data: NLBData) -> Tuple[NLBConfig, Any, Any]:
+    """The member's own run spec (``cfg`` with the member's seed, stored with its checkpoints) and its
+    freshly built model and guide, initialised from that seed."""
+    pyro.clear_param_store()  # members trained one after another in a process: free the last one's tensors
+    cfg = dataclasses.replace(cfg, fit=cfg.member_fit(spec.seed))
+    model, guide = build(cfg, data.n_neurons, data.n_heldin)
+    return cfg, model, guide
+
+
 def train_member(
     spec: MemberSpec,
     cfg: NLBConfig,
@@ -232,9 +241,7 @@ def train_member(
     if dev.type == "cpu" and threads:
         torch.set_num_threads(int(threads))
     train = spec.training_batch()
-    pyro.clear_param_store()  # members trained one after another in a process: free the last one's tensors
-    cfg = dataclasses.replace(cfg, fit=cfg.member_fit(spec.seed))  # the member's own seed, stored with it
-    model, guide = build(cfg, data.n_neurons, data.n_heldin)
+    cfg, model, guide = build_member(spec, cfg, data)
     last = spec.checkpoint_dir / "last.pt"
     resume_from = last if resume and last.is_file() else None
     if resume and resume_from is None:
