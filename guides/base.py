@@ -13,7 +13,8 @@ sites: ``z_0``, ``v_0`` and ``v_1 .. v_{T+F-1}`` inside the ``"trials"`` plate. 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import pyro
 import pyro.distributions as dist
@@ -48,10 +49,15 @@ class StepwiseGuide(PyroRegistered):
         model's parameters and ``fit`` optimises each parameter once.
     """
 
+    #: :meth:`prepare` draws no random numbers in eval mode, so :meth:`shared_context` may reuse it.
+    #: False here (a subclass may draw in ``prepare``); the package's guides set it True.
+    deterministic_prepare: bool = False
+
     def __init__(self, model: LangevinFlow) -> None:
         super().__init__()
         self.__dict__["prior"] = model
         self.samples_initial = True
+        self._shared: Optional[tuple[int, Any]] = None
 
     def steps_only(self) -> "StepwiseGuide":
         """Leave ``z_0`` and ``v_0`` to another guide part; sample ``v_1 ..`` only. Returns ``self``.
@@ -68,6 +74,42 @@ class StepwiseGuide(PyroRegistered):
         """
         self.samples_initial = False
         return self
+
+    @contextmanager
+    def shared_context(self, batch: Batch) -> Iterator[None]:
+        """Run :meth:`prepare` on ``batch`` once; inside the block, calls on tiled copies reuse it.
+
+        For several posterior draws of the same trials in eval mode (``posterior_means``): the
+        encoder is deterministic there, so ``k`` draws need one encoder pass, not ``k``. Inside the
+        block every call must be on ``k`` copies of ``batch`` stacked draw-major along the trial
+        axis (``batch[arange(n).repeat(k)]``); the prepared tensors are tiled the same way. A
+        subclass whose :meth:`prepare` returns anything but tensors (or a tuple of tensors) with
+        trials first, or that leaves :attr:`deterministic_prepare` False, is not shared: its calls
+        prepare as usual.
+
+        Raises
+        ------
+        RuntimeError
+            In training mode: dropout would give every copy the same mask.
+        """
+        if self.training:
+            raise RuntimeError("shared_context needs eval mode (guide.eval()): with dropout on, the copies would share one mask")
+        ctx = self.prepare(batch) if self.deterministic_prepare else None
+        self._shared = (batch.n_trials, ctx) if _tileable(ctx, batch.n_trials) else None
+        try:
+            yield
+        finally:
+            self._shared = None
+
+    def _context(self, batch: Batch) -> Any:
+        """:meth:`prepare` of ``batch``, or the shared context tiled to ``batch`` (see :meth:`shared_context`)."""
+        shared = getattr(self, "_shared", None)  # absent on guides unpickled from older versions
+        if shared is None:
+            return self.prepare(batch)
+        n, ctx = shared
+        if batch.n_trials % n:
+            raise ValueError(f"inside shared_context the batch must be copies of the prepared {n} trials, got {batch.n_trials}")
+        return _tile(ctx, batch.n_trials // n)
 
     # ----- what subclasses say ---------------------------------------------------------------
     def prepare(self, batch: Batch) -> Any:
@@ -93,7 +135,7 @@ class StepwiseGuide(PyroRegistered):
         but ``z_0`` and ``v_0`` after :meth:`steps_only`."""
         self.register_params()
         model = self.prior
-        ctx = self.prepare(batch)
+        ctx = self._context(batch)
         n_obs = batch.n_observed_bins
         if self.samples_initial:
             trials = pyro.plate("trials", batch.n_trials, dim=-1)
@@ -117,6 +159,21 @@ class StepwiseGuide(PyroRegistered):
                     q = dist.Normal(prior.v_loc, prior.v_scale).to_event(1)
                 z = prior.z_next
                 v = pyro.sample(velocity_site(t), q)
+
+
+def _tileable(ctx: Any, n: int) -> bool:
+    """Whether ``ctx`` is a tensor, or a tuple of tensors, with ``n`` trials first."""
+    parts = ctx if isinstance(ctx, tuple) else (ctx,)
+    return all(isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == n for x in parts)
+
+
+def _tile(ctx: Any, k: int) -> Any:
+    """``k`` copies of every tensor of ``ctx`` stacked along dim 0 (draw-major, as the tiled batch)."""
+    if k == 1:
+        return ctx
+    if isinstance(ctx, tuple):
+        return tuple(_tile(x, k) for x in ctx)
+    return ctx.repeat(k, *([1] * (ctx.dim() - 1)))
 
 
 class GRUEncoder(nn.Module):
@@ -231,6 +288,8 @@ class EncoderGuide(StepwiseGuide):
         self.n_heldin, self.hidden = n_heldin, hidden
         self.encoder = GRUEncoder(n_heldin, hidden, bidirectional=bidirectional, dropout=dropout)
         self.initial_head = InitialStateHead(self.encoder.out_features, model.latent_dim)
+
+    deterministic_prepare = True
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(batch)

@@ -66,6 +66,8 @@ class GRUGuide(StepwiseGuide):
         self.initial_head = InitialStateHead(hidden, model.latent_dim)
         self.force_head = ForceHead(hidden, model.latent_dim)
 
+    deterministic_prepare = True
+
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """GRU features: per-bin states (trial, T, hidden) and the initial-state summary (trial, hidden)."""
         h, _ = self.encoder(batch)

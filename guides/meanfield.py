@@ -63,6 +63,8 @@ class MeanFieldGuide(StepwiseGuide):
         self.v_loc = nn.Parameter(torch.zeros(n_trials, n_observed_bins, d))
         self.v_raw_scale = nn.Parameter(torch.full((n_trials, n_observed_bins, d), _inv_softplus(init_scale)))
 
+    deterministic_prepare = True
+
     def prepare(self, batch: Batch) -> torch.Tensor:
         if batch.n_observed_bins > self.n_observed_bins:
             raise ValueError(f"guide has parameters for {self.n_observed_bins} observed bins, batch has {batch.n_observed_bins}")

@@ -175,3 +175,62 @@ def test_batch_indexing_with_repeated_trials_keeps_their_ids(data):
     tiled = batch[torch.arange(3).repeat(2)]
     assert tiled.index.tolist() == batch.index[:3].tolist() * 2
     assert torch.equal(tiled.input[3:], batch.input[:3]) and torch.equal(tiled.mask[:3], batch.mask[:3])
+
+
+class _CountingPrepare:
+    """Count calls of ``guide.prepare`` (the encoder pass) while inside the block."""
+
+    def __init__(self, guide) -> None:
+        self.guide, self.calls = guide, 0
+
+    def __enter__(self) -> "_CountingPrepare":
+        original = type(self.guide).prepare
+
+        def counted(this, batch):
+            self.calls += 1
+            return original(this, batch)
+
+        self.guide.prepare = counted.__get__(self.guide)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.guide.prepare
+
+
+@pytest.mark.parametrize("guide", list(GUIDES))
+def test_shared_encoder_gives_the_same_draws_and_runs_once_per_chunk(data, guide):
+    """Same seed: encoding a chunk once and tiling it equals encoding every tiled pass."""
+    model, g = build(data, guide)
+    batch = data.train  # 8 trials: chunks of 4, 2 draws a pass, passes of 2 + 2 + 1 draws
+    kw = dict(sites=("rates", "z"), n_samples=5, batch_size=4, max_tiled=8, return_std=True)
+    with _CountingPrepare(g) as per_pass:
+        torch.manual_seed(3)
+        before = posterior_means(model, g, batch, share_encoder=False, **kw)
+    with _CountingPrepare(g) as shared:
+        torch.manual_seed(3)
+        after = posterior_means(model, g, batch, **kw)
+    assert per_pass.calls == 6 and shared.calls == 2  # 2 chunks x 3 passes, vs once per chunk
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], atol=1e-6, rtol=1e-5)
+    assert float(after["rates_std"].max()) > 1e-3  # real draws, not a degenerate posterior
+
+
+def test_shared_context_refuses_training_mode_and_skips_guides_that_may_draw_in_prepare(data):
+    model, g = build(data, "gru")
+    g.train()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        with g.shared_context(data.train):
+            pass
+
+    class Drawing(GRUGuide):
+        deterministic_prepare = False  # e.g. a prepare that samples noise
+
+    torch.manual_seed(0)
+    d = Drawing(model, N_IN, hidden=8)
+    with _CountingPrepare(d) as counter:
+        posterior_means(model, d, data.train, n_samples=4, batch_size=8, max_tiled=16)
+    assert counter.calls == 2  # one per pass of 2 draws: not shared
+    g.eval()
+    with g.shared_context(data.train[:3]):
+        with pytest.raises(ValueError, match="copies of the prepared 3 trials"):
+            g(data.train[:4])
