@@ -90,13 +90,14 @@ def test_test_phase_writes_submission(root, tmp_path, capsys):
     assert rates["train_rates_heldin"].shape == (32, 35, 10)  # train + val trials train in 'test'
 
 
-def test_bidirectional_guide_option(root, tmp_path, capsys):
-    out = tmp_path / "bigru"
+def test_guide_option_switches_the_default_bidirectional_guide(root, tmp_path, capsys):
+    assert default_config("mc_maze", 20).guide.name == "bigru"  # the cross-validated default (docs/nlb.md)
+    out = tmp_path / "gru"
     code, stdout, _ = run_cli(capsys, "--dataset", "mc_maze", "--data-dir", root, "--bin-ms", 20,
-                              "--phase", "test", "--quick", "--out", out, "--set", "guide.name=bigru")
+                              "--phase", "test", "--quick", "--out", out, "--set", "guide.name=gru")
     assert code == 0
     m = json.loads(stdout.strip().splitlines()[-1])
-    assert m["spec"]["guide"]["name"] == "bigru" and np.isfinite(m["local"]["model"]["co-bps"])
+    assert m["spec"]["guide"]["name"] == "gru" and np.isfinite(m["local"]["model"]["co-bps"])
 
 
 def test_console_script_quick_run(root, tmp_path):
