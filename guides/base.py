@@ -281,6 +281,8 @@ class EncoderGuide(StepwiseGuide):
     dropout : float
     """
 
+    deterministic_prepare = True
+
     def __init__(
         self, model: LangevinFlow, n_heldin: int, hidden: int = 64, bidirectional: bool = True, dropout: float = 0.05
     ) -> None:
@@ -288,8 +290,6 @@ class EncoderGuide(StepwiseGuide):
         self.n_heldin, self.hidden = n_heldin, hidden
         self.encoder = GRUEncoder(n_heldin, hidden, bidirectional=bidirectional, dropout=dropout)
         self.initial_head = InitialStateHead(self.encoder.out_features, model.latent_dim)
-
-    deterministic_prepare = True
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(batch)

@@ -45,6 +45,8 @@ class GRUGuide(StepwiseGuide):
         Dropout on the GRU inputs and states.
     """
 
+    deterministic_prepare = True
+
     def __init__(
         self,
         model: LangevinFlow,
@@ -65,8 +67,6 @@ class GRUGuide(StepwiseGuide):
         )
         self.initial_head = InitialStateHead(hidden, model.latent_dim)
         self.force_head = ForceHead(hidden, model.latent_dim)
-
-    deterministic_prepare = True
 
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """GRU features: per-bin states (trial, T, hidden) and the initial-state summary (trial, hidden)."""

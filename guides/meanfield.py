@@ -50,6 +50,8 @@ class MeanFieldGuide(StepwiseGuide):
         Initial posterior standard deviation of every site (AutoNormal's default is 0.1).
     """
 
+    deterministic_prepare = True
+
     def __init__(self, model: LangevinFlow, n_trials: int, n_observed_bins: int, init_scale: float = 0.1) -> None:
         super().__init__(model)
         if n_trials < 1 or n_observed_bins < 1:
@@ -62,8 +64,6 @@ class MeanFieldGuide(StepwiseGuide):
         self.z0_raw_scale = nn.Parameter(torch.full((n_trials, d), _inv_softplus(init_scale)))
         self.v_loc = nn.Parameter(torch.zeros(n_trials, n_observed_bins, d))
         self.v_raw_scale = nn.Parameter(torch.full((n_trials, n_observed_bins, d), _inv_softplus(init_scale)))
-
-    deterministic_prepare = True
 
     def prepare(self, batch: Batch) -> torch.Tensor:
         if batch.n_observed_bins > self.n_observed_bins:

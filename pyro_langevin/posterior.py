@@ -185,8 +185,9 @@ def posterior_means(
         Draws per pass, overriding ``max_tiled``; 1 is the per-draw loop (one pass per draw, the
         random stream of earlier versions).
     share_encoder : bool
-        Let a guide with ``shared_context`` (every :class:`~pyro_langevin.guides.StepwiseGuide`)
-        run its encoder once per chunk of trials rather than once per draw; its output is the same
+        Let a guide with ``shared_context`` (a :class:`~pyro_langevin.guides.StepwiseGuide` whose
+        ``deterministic_prepare`` is True: every guide of the package) run its encoder once per
+        chunk of trials rather than once per draw; its output is the same
         in eval mode, so the draws are unchanged up to float rounding. ``False`` re-encodes every
         pass (the behaviour before).
 
