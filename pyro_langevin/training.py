@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Literal, Optional, Union
 import pyro
 import torch
 
+from pyro_langevin.augmentation import temporal_shift
 from pyro_langevin.batch import Batch, BatchError
 from pyro_langevin.checkpoints import TrainingState, rng_state, set_rng_state
 from pyro_langevin.elbo import MarkovMeanFieldELBO, make_elbo
@@ -75,6 +76,11 @@ class FitConfig:
         to ``kl_final`` over the first ``kl_ramp`` (a fraction, as ``weight_decay_ramp``) of the
         epochs. A proper ELBO has ``kl_final = 1``. The ramps follow ``epochs``: a run resumed with
         other ``epochs`` continues on the new schedule (``fit`` warns when a ramp's length changes).
+    shift_std, shift_max
+        Temporal-shift augmentation (:func:`~pyro_langevin.augmentation.temporal_shift`): each
+        training step moves every (trial, neuron) spike train by
+        ``round(N(0, shift_std))`` bins, at most ``shift_max`` either way (0: ``2 * shift_std``,
+        rounded, at least 1). ``shift_std = 0`` (the default) disables it.
     cd_keep : float
         Coordinated dropout: fraction of held-in input entries the guide sees per step; the
         likelihood scores only the hidden ones (1.0 disables it).
@@ -123,6 +129,8 @@ class FitConfig:
     kl_final: float = 1.0
     kl_ramp: float = 1 / 6
     cd_keep: float = 1.0
+    shift_std: float = 0.0
+    shift_max: int = 0
     grad_clip: float = 200.0
     val_every: int = 5
     select_on: str = "val_loss"
@@ -150,6 +158,8 @@ class FitConfig:
             "kl_ramp": self.kl_ramp >= 0,
             "optimizer": self.optimizer in ("adam", "adamw"),
             "cd_keep": 0 < self.cd_keep <= 1,
+            "shift_std": self.shift_std >= 0,
+            "shift_max": self.shift_max >= 0,
             "grad_clip": self.grad_clip > 0,
             "val_every": self.val_every >= 1,
             "select_mode": self.select_mode in ("min", "max"),
@@ -171,6 +181,11 @@ class FitConfig:
             return final
         frac = min(1.0, (epoch + 1) / epochs)
         return start + frac * (final - start)
+
+    @property
+    def max_shift(self) -> int:
+        """The temporal-shift bound in bins: ``shift_max``, or twice ``shift_std`` (at least 1) when 0."""
+        return self.shift_max if self.shift_max > 0 else max(1, round(2 * self.shift_std))
 
     def kl_weight(self, epoch: int) -> float:
         return self.ramp(epoch, self.kl_start, self.kl_final, ramp_epochs(self.kl_ramp, self.epochs))
@@ -468,7 +483,8 @@ class _Epoch:
         for step, start in enumerate(range(0, n, c.batch_size)):
             if self.guard.received is not None:
                 raise _Interrupted(self.guard.received, epoch, step)
-            mb = coordinated_dropout(self.train[perm[start : start + c.batch_size].to(self.device)], c.cd_keep)
+            mb = self.train[perm[start : start + c.batch_size].to(self.device)]
+            mb = coordinated_dropout(temporal_shift(mb, c.shift_std, c.max_shift), c.cd_keep)
             with _invalid_values_as_fault(epoch, step, "a distribution parameter"):
                 with scale_latents(kl_w), pyro.validation_enabled(c.validate_args):
                     loss = self.elbo.differentiable_loss(model, guide, mb)
