@@ -20,7 +20,7 @@ from pyro_langevin.batch import Batch
 __all__ = ["temporal_shift", "draw_shifts"]
 
 
-def draw_shifts(shape: tuple[int, int], std: float, max_shift: int,
+def draw_shifts(shape: tuple[int, ...], std: float, max_shift: int,
                 generator: Optional[torch.Generator] = None, device: Optional[torch.device] = None) -> torch.Tensor:
     """Integer shifts ``round(N(0, std))`` clamped to ``[-max_shift, max_shift]``, of ``shape``, as a long tensor."""
     gen_device = generator.device if generator is not None else device
