@@ -634,6 +634,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, train: Batch, valid: Opt
         A checkpoint (``last.pt``) to continue from: an interrupted and resumed run ends with the
         same parameters as an uninterrupted one (same data, device and config; ``config.epochs``
         may change, and with it the ramps). Shapes are checked first, changed options warned about.
+        A run that had stopped early trains no further unless ``config.patience`` grew.
     init_rates : bool
         Set the decoder's readout bias to the log mean training counts (skipped on resume).
     progress : bool
@@ -691,10 +692,11 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, train: Batch, valid: Opt
     t0 = time.perf_counter()
     bar = progress_bar(total=config.epochs, initial=min(state.epoch + 1, config.epochs), disable=not progress,
                        desc="fit", unit="epoch")
-    snapshot, stopped_early, pending = state.capture(), False, None
+    # a run that stopped early is finished: resuming it trains on only if the patience grew
+    snapshot, stopped_early, pending = state.capture(), resume is not None and selector.should_stop, None
     with guard:
         try:
-            while state.epoch + 1 < config.epochs:
+            while not stopped_early and state.epoch + 1 < config.epochs:
                 epoch = state.epoch + 1
                 try:
                     record, validated, improved = run_epoch(epoch)

@@ -113,6 +113,29 @@ def test_callback_sees_every_epoch_and_a_run_it_stops_resumes_exactly(data, tmp_
     assert resumed.history == straight.history and states_equal(m1.state_dict(), m3.state_dict())
 
 
+def test_a_run_that_stopped_early_resumes_to_the_same_end_unless_its_patience_grows(data, tmp_path):
+    def worse_each_time(model, guide, valid):  # the first validation stays the best
+        calls.append(1)
+        return {"co_bps": -float(len(calls))}
+
+    def run(patience, resume=None, seed=0):
+        m, g = build(seed=seed)
+        cfg = config(20, val_every=1, patience=patience, select_on="co_bps", select_mode="max")
+        return fit(m, g, data.train, data.valid, cfg, metric_fn=worse_each_time, progress=False,
+                   checkpoint_dir=tmp_path, resume=resume), m
+
+    calls = []
+    first, _ = run(patience=2)
+    assert first.stopped_early and len(first.history) == 3 and first.best_epoch == 0
+    saved = load_checkpoint(tmp_path / "last.pt")
+    again, m = run(patience=2, resume=tmp_path / "last.pt", seed=5)
+    assert again.stopped_early and again.history == first.history and again.best_epoch == 0
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == saved["epoch"] == 2  # nothing trained or rewritten
+    assert states_equal(m.state_dict(), load_checkpoint(tmp_path / "best.pt")["model"])  # the best state, not seed 5's
+    longer, _ = run(patience=4, resume=tmp_path / "last.pt", seed=5)
+    assert longer.stopped_early and len(longer.history) == 5 and longer.history[:3] == first.history
+
+
 def test_ramps_are_fractions_of_the_epochs_and_old_checkpoints_compare_in_epochs(data, tmp_path):
     assert FitConfig().kl_weight(48) < 1 == FitConfig().kl_weight(49)  # default: 50 of 300 epochs
     for epochs in (1, 3, 4, 15, 101):  # a quarter: the NLB and example schedules, max(1, epochs // 4)
