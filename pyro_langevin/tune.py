@@ -57,11 +57,13 @@ PathLike = Union[str, Path]
 #: Searchable keys and the configuration keys (:class:`~pyro_langevin.nlb.config.NLBConfig`'s dotted
 #: keys) each one sets: ``kl_final`` is the KL weight after its ramp, ``dropout`` the decoder's and the
 #: guide's (one value for both), ``cd_keep`` the coordinated-dropout keep rate, ``latent_dim`` the
-#: latent size (a multiple of 4), ``hidden`` the GRU guide's size. :func:`trial_config` applies them.
+#: latent size (a multiple of 4), ``hidden`` the GRU guide's size, ``shift_std`` the temporal shift's
+#: s.d. in bins (not in :data:`DEFAULT_SPACE`: searched only when ``--space`` names it).
+#: :func:`trial_config` applies them.
 CONFIG_KEYS: Dict[str, Tuple[str, ...]] = {
     "lr": ("fit.lr",), "kl_final": ("fit.kl_final",), "dropout": ("model.dropout", "guide.dropout"),
     "cd_keep": ("fit.cd_keep",), "weight_decay": ("fit.weight_decay",), "latent_dim": ("model.latent_dim",),
-    "hidden": ("guide.hidden",),
+    "hidden": ("guide.hidden",), "shift_std": ("fit.shift_std",),
 }
 SEARCH_KEYS = tuple(CONFIG_KEYS)
 #: Sizes change the parameter shapes: searched by ``random`` and ``asha``, fixed under ``pbt``.

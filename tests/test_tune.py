@@ -67,6 +67,8 @@ def test_search_space_parsing_and_mapping():
     assert space["dropout"] == ["const", 0.2] and space["hidden"][0] == "choice"
     cfg = trial_config(default_config("mc_maze_small", 5), {"dropout": 0.2, "latent_dim": 8, "lr": 1e-3})
     assert (cfg.model.dropout, cfg.guide.dropout, cfg.model.latent_dim, cfg.fit.lr, cfg.eval.n_models) == (0.2, 0.2, 8, 1e-3, 1)
+    assert "shift_std" not in parse_space() and parse_space(items=["shift_std=uniform:1:6"])["shift_std"] == ["uniform", 1, 6]
+    assert trial_config(default_config("mc_maze_small", 20), {"shift_std": 4.5}).fit.shift_std == 4.5
     assert "hidden" not in parse_space(scheduler="pbt") and parse_space(items=["hidden=32"])["hidden"] == ["const", 32]
     for bad in (["beta=0.1"], ["lr=loguniform:0:1"], ["latent_dim=uniform:4:8"], ["lr=fast"], ["hidden=choice:8,16"]):
         with pytest.raises(OptionError):
