@@ -173,8 +173,9 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
 #: width (``fit.shift_std = SHIFT_MS / bin_ms`` bins, at most twice that either way; the forward
 #: bins move with the observed ones). 5-fold cross-validation on MC_Maze_Small, one model at 20 ms,
 #: paired with no shift over the same folds: co-bps +0.036 +- 0.008 and fp-bps +0.029 +- 0.008
-#: (5 of 5 folds each); 30 ms gained as much co-bps (+0.040) but less fp-bps (+0.013), and shifting
-#: the observed bins alone cost fp-bps at every s.d. tried (docs/nlb.md). Then, fixed beforehand, the default run at 5 ms (five-member ensemble):
+#: (5 of 5 folds each); 30 ms gained as much co-bps (+0.040) but less fp-bps (+0.013), 90 and 120 ms
+#: lost fp-bps and vel R^2 against 60 ms, and shifting the observed bins alone cost fp-bps at every
+#: s.d. tried (docs/nlb.md). Then, fixed beforehand, the default run at 5 ms (five-member ensemble):
 #: co-bps 0.296 +- 0.007 against 0.206 +- 0.013 without the shift, +0.089 +- 0.007 in every fold,
 #: fp-bps +0.056 and vel R^2 +0.088 (5 of 5 folds each). The other datasets take it on that evidence
 #: (``--set fit.shift_std=0`` turns it off).
