@@ -72,7 +72,7 @@ SCHEDULERS = ("pbt", "asha", "random")
 
 #: The default search space: ``{key: [kind, *args]}`` with kind ``loguniform``/``uniform`` (low,
 #: high) or ``choice`` (values); a plain number fixes the key. Centred on the MC_Maze_Small
-#: defaults (lr 3e-3, KL 0.1, dropout 0.3, CD keep 0.5, weight decay 2e-5, latent 32, GRU 128).
+#: defaults (lr 3e-3, KL 0.1, dropout 0.2, CD keep 0.5, weight decay 2e-5, latent 32, GRU 128).
 DEFAULT_SPACE: Dict[str, Any] = {
     "lr": ["loguniform", 1e-3, 1e-2],
     "kl_final": ["loguniform", 0.02, 0.5],
