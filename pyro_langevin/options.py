@@ -35,7 +35,7 @@ from pyro_langevin import __version__
 __all__ = [
     "EXIT_BAD_INPUT", "OptionError", "ArgumentParser", "positive_int", "non_negative_int",
     "add_run_arguments", "check_run_options", "RunOptions", "check_device", "check_out", "default_out",
-    "check_resume", "parse_overrides", "check_nlb_tools", "check_nlb_config", "one_line", "NLB_INSTALL",
+    "check_resume", "parse_overrides", "check_nlb_tools", "check_nlb_config", "check_fit_bin", "one_line", "NLB_INSTALL",
 ]
 
 #: Exit status for bad input (as argparse uses).
@@ -325,6 +325,20 @@ def one_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when the message is empty)."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+def check_fit_bin(dataset: str, bin_ms: int, phase: str, fit_bin_ms: Optional[int]) -> int:
+    """The bin width an NLB run's model fits at (``--fit-bin-ms``, default by ``--bin-ms``), checked
+    after the dataset, bin size and phase."""
+    from pyro_langevin.data.errors import NLBDataError
+    from pyro_langevin.nlb.coarse import resolve_fit_bin
+    from pyro_langevin.nlb.data import check_args
+
+    check_args(dataset, bin_ms, phase)
+    try:
+        return resolve_fit_bin(bin_ms, fit_bin_ms)
+    except NLBDataError as exc:
+        raise OptionError(f"--fit-bin-ms: {exc}") from None
 
 
 def check_nlb_config(dataset: str, bin_ms: int, phase: str, *, quick: bool = False, epochs: Optional[int] = None,

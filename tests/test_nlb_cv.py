@@ -57,8 +57,10 @@ def test_scored_fold_never_reaches_training_targets_or_selection(data, tmp_path,
     scored_sets = [set(f["scored_trials"]) for f in res["folds"]]
     train_ids = data.train.index.tolist()
     assert set().union(*scored_sets) == set(train_ids)
-    t, n_in = data.n_observed_bins, data.n_heldin
+    n_in = data.n_heldin
     for (train, valid), scored in zip(seen, scored_sets):
+        t = train.n_observed_bins
+        assert t == data.n_observed_bins // 4  # 5 ms data fit at 20 ms by default
         scored_ids = {train_ids[i] for i in scored}
         assert scored_ids.isdisjoint(valid.index.tolist())  # the scored fold picks no checkpoint
         rows = [i for i, idx in enumerate(train.index.tolist()) if idx in scored_ids]
@@ -82,8 +84,8 @@ def test_scored_fold_never_reaches_training_targets_or_selection(data, tmp_path,
     import h5py
     with h5py.File(sub) as f:
         grp = f["mc_maze_small"]
-        assert grp["eval_rates_heldout"].shape == (25, t, data.n_heldout)
-        assert grp["train_rates_heldin"].shape == (75, t, n_in)
+        assert grp["eval_rates_heldout"].shape == (25, data.n_observed_bins, data.n_heldout)
+        assert grp["train_rates_heldin"].shape == (75, data.n_observed_bins, n_in)
         assert np.all(np.asarray(grp["eval_rates_heldout"]) > 0)
 
 

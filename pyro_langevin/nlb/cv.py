@@ -24,6 +24,7 @@ evaluation target is known (phase ``val`` with ``eval_target.h5``) it is scored 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -33,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from pyro_langevin.nlb.coarse import coarsen_data, resolve_fit_bin, upsample
 from pyro_langevin.nlb.config import NLBConfig
 from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.nlb.data import NLBData, check_args, load_nlb
@@ -132,6 +134,7 @@ def cross_validate(
     workers: int = 1,
     progress: bool = True,
     data: Optional[NLBData] = None,
+    fit_bin_ms: Optional[int] = None,
     log: Callable[[str], None] = print,
 ) -> Dict[str, Any]:
     """K-fold cross-validation of the NLB configuration on the training trials (see the module docstring).
@@ -150,9 +153,9 @@ def cross_validate(
         Seeds the fold assignment, the inner splits, the fits and the posterior draws.
     config, overrides, epochs, quick
         As :func:`~pyro_langevin.nlb.pipeline.run_nlb`.
-    device, threads, workers, progress, log
+    device, threads, workers, progress, fit_bin_ms, log
         As :func:`~pyro_langevin.nlb.pipeline.run_nlb`; ``workers`` trains that many models at once
-        (every fold's members are scheduled together).
+        (every fold's members are scheduled together). Scores are always at ``bin_ms``.
 
     Returns
     -------
@@ -163,15 +166,18 @@ def cross_validate(
     """
     t_start = time.perf_counter()
     check_args(dataset, bin_ms, phase)
-    cfg, dev = run_setup(dataset, bin_ms, quick, config, overrides, epochs, device, threads)
+    fit_bin = resolve_fit_bin(bin_ms, fit_bin_ms)
+    cfg, dev = run_setup(dataset, fit_bin, quick, config, overrides, epochs, device, threads)
     out = Path(out)
     data = data if data is not None else load_nlb(dataset, data_dir, bin_ms=bin_ms, phase=phase)
+    fit_data = coarsen_data(data, fit_bin)
     parts = kfold_indices(data.n_train, k, seed)
     run = list(range(k)) if folds is None else sorted(set(int(f) for f in folds))
     if any(not 0 <= f < k for f in run):
         raise NLBDataError(f"folds must lie in 0..{k - 1}, got {list(folds or [])}")
     log(f"{dataset} {bin_ms} ms {phase}: {k}-fold cross-validation over {data.n_train} training trials "
-        f"(folds of {min(map(len, parts))}-{max(map(len, parts))}); running folds {run}")
+        f"(folds of {min(map(len, parts))}-{max(map(len, parts))}); running folds {run}"
+        + (f"; fitting at {fit_bin} ms, rates interpolated to {bin_ms} ms" if fit_bin != bin_ms else ""))
 
     # every member of every fold, trained in one go (in parallel with workers > 1)
     specs: List[MemberSpec] = []
@@ -180,15 +186,18 @@ def cross_validate(
         rest_rows = np.setdiff1d(np.arange(data.n_train), parts[f])
         scored = data.train[torch.as_tensor(parts[f], dtype=torch.long)]
         rest = data.train[torch.as_tensor(rest_rows, dtype=torch.long)]
-        fold_specs = fold_members(rest, [scored, data.eval], cfg.eval.n_models, cfg.eval.valid_frac,
+        fit_scored = fit_data.train[torch.as_tensor(parts[f], dtype=torch.long)]
+        fit_rest = fit_data.train[torch.as_tensor(rest_rows, dtype=torch.long)]
+        fold_specs = fold_members(fit_rest, [fit_scored, fit_data.eval], cfg.eval.n_models, cfg.eval.valid_frac,
                                   seed + 1000 * (f + 1), out / f"fold{f}")
         for spec in fold_specs:
             spec.index = len(specs)
             specs.append(spec)
         splits[f] = (scored, rest, fold_specs)
-    meta = {"dataset": dataset, "bin_ms": bin_ms, "phase": phase, "seed": seed, "cv_k": k}
-    trained = train_members(specs, cfg, data, dev, workers=workers, log=log, export_seed=seed, progress=progress,
+    meta = {"dataset": dataset, "bin_ms": bin_ms, "phase": phase, "seed": seed, "cv_k": k, "fit_bin_ms": fit_bin}
+    trained = train_members(specs, cfg, fit_data, dev, workers=workers, log=log, export_seed=seed, progress=progress,
                             meta=meta)
+    trained = [dataclasses.replace(m, rates=upsample(m.rates, fit_bin // bin_ms)) for m in trained]
 
     records: List[Dict[str, Any]] = []
     fold_ensembles: List[Rates] = []
@@ -214,7 +223,8 @@ def cross_validate(
         except ValueError as exc:
             ensemble = {"error": f"{type(exc).__name__}: {exc}"}
     result_json = {
-        "dataset": dataset, "bin_ms": bin_ms, "phase": phase, "k": k, "seed": seed, "folds": records,
+        "dataset": dataset, "bin_ms": bin_ms, "fit_bin_ms": fit_bin, "phase": phase, "k": k, "seed": seed,
+        "folds": records,
         "summary": summarize_folds(records), "ensemble_eval": ensemble, "n_models": cfg.eval.n_models,
         "n_models_averaged": len(run) * cfg.eval.n_models,
         "submission": str(sub), "spec": cfg.to_dict(), "device": str(dev),

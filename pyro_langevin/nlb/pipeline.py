@@ -51,6 +51,7 @@ from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.nlb.data import NLBData, check_args, load_nlb
 from pyro_langevin.data.splits import build_training_batch, kfold_indices, split_train_valid
 from pyro_langevin.nlb.baseline import smoothing_baseline
+from pyro_langevin.nlb.coarse import coarsen_data, resolve_fit_bin, upsample
 from pyro_langevin.nlb.scoring import Rates, rates_to_full, score_local, score_nlb, write_submission
 from pyro_langevin.posterior import posterior_rates
 from pyro_langevin.spec import build, load_run, run_meta
@@ -58,7 +59,7 @@ from pyro_langevin.training import default_device, fit
 
 __all__ = [
     "cobps_metric", "export_rates", "run_nlb", "run_setup", "format_table", "score_split", "score_smoothing_split",
-    "MemberSpec", "MemberResult", "fold_members", "build_member", "train_member", "train_members",
+    "MemberSpec", "MemberResult", "same_trials", "fold_members", "build_member", "train_member", "train_members",
 ]
 
 PathLike = Union[str, Path]
@@ -185,6 +186,23 @@ class MemberResult:
     stopped_early: bool
     fit_seconds: float
     valid_curve: List[List[float]] = field(default_factory=list)
+
+
+def same_trials(batch: Batch, like: Batch) -> Batch:
+    """The trials of ``batch`` that ``like`` holds (matched by ``index``), in ``like``'s order: the
+    same trials at another bin width."""
+    row = {int(i): k for k, i in enumerate(batch.index.tolist())}
+    missing = [int(i) for i in like.index.tolist() if int(i) not in row]
+    if missing:
+        raise NLBDataError(f"trials {missing[:5]} are not in the batch")
+    return batch[torch.as_tensor([row[int(i)] for i in like.index.tolist()], dtype=torch.long)]
+
+
+def _at_bins(spec: MemberSpec, train: Batch) -> MemberSpec:
+    """``spec`` with its fitting and validation trials taken from ``train`` (another bin width), for
+    scoring; its checkpoints and seed stay."""
+    return dataclasses.replace(spec, fit_trials=same_trials(train, spec.fit_trials),
+                               valid=same_trials(train, spec.valid), heldin_only=[])
 
 
 def fold_members(train: Batch, heldin_only: Sequence[Batch], n_models: int, valid_frac: float, seed: int,
@@ -353,6 +371,7 @@ def run_nlb(
     overrides: Optional[Dict[str, Any]] = None,
     threads: Optional[int] = None,
     workers: Optional[int] = None,
+    fit_bin_ms: Optional[int] = None,
     log: Callable[[str], None] = print,
 ) -> Dict[str, Any]:
     """Train, select, export, score and write submissions for one NLB dataset.
@@ -373,7 +392,8 @@ def run_nlb(
     quick : bool
         Smoke-test configuration (:func:`~pyro_langevin.nlb.config.default_config`).
     config : NLBConfig, optional
-        Overrides the per-dataset default entirely (``epochs`` still applies).
+        Overrides the per-dataset default entirely (``epochs`` still applies). It configures the
+        model at ``fit_bin_ms``.
     resume : bool
         Continue from ``{out}/checkpoints/last.pt`` when it exists.
     overrides : dict, optional
@@ -387,6 +407,11 @@ def run_nlb(
         (one torch thread each); default 1.
     metric_fn : callable, optional
         Replaces the validation metric (must return ``co_bps``); for tests and experiments.
+    fit_bin_ms : int, optional
+        The bin width the members fit at (default :data:`~pyro_langevin.nlb.coarse.FIT_BIN_MS`: 20 ms,
+        also for 5 ms data). Coarser than ``bin_ms``: they fit the spikes summed into those bins
+        and their rates are interpolated back to ``bin_ms`` (:mod:`pyro_langevin.nlb.coarse`)
+        before anything is scored or written.
     log : callable
         Receives progress lines.
 
@@ -397,22 +422,27 @@ def run_nlb(
     """
     t_start = time.perf_counter()
     check_args(dataset, bin_ms, phase)
-    cfg, dev = run_setup(dataset, bin_ms, quick, config, overrides, epochs, device, threads)
+    fit_bin = resolve_fit_bin(bin_ms, fit_bin_ms)
+    cfg, dev = run_setup(dataset, fit_bin, quick, config, overrides, epochs, device, threads)
     out = Path(out)
     n_models = cfg.eval.n_models
 
     data = load_nlb(dataset, data_dir, bin_ms=bin_ms, phase=phase)
-    specs = fold_members(data.train, [data.eval], n_models, cfg.eval.valid_frac, seed, out)
+    fit_data = coarsen_data(data, fit_bin)
+    fit_specs = fold_members(fit_data.train, [fit_data.eval], n_models, cfg.eval.valid_frac, seed, out)
+    specs = fit_specs if fit_data is data else [_at_bins(s, data.train) for s in fit_specs]
     split = (f"{specs[0].fit_trials.n_trials} fit, {specs[0].valid.n_trials} validation" if n_models == 1 else
              f"{n_models} members, each validating on one of {n_models} folds and fitting the others")
     log(f"{dataset} {bin_ms} ms {phase}: {data.n_train} training trials ({split}), {data.n_eval} evaluation "
         f"trials; {data.n_heldin} held-in + {data.n_heldout} held-out neurons; "
-        f"{data.n_observed_bins} + {data.n_forward_bins} bins")
+        f"{data.n_observed_bins} + {data.n_forward_bins} bins"
+        + (f"; fitting at {fit_bin} ms, rates interpolated to {bin_ms} ms" if fit_bin != bin_ms else ""))
 
-    meta = {"dataset": dataset, "bin_ms": bin_ms, "phase": phase, "seed": seed}
+    meta = {"dataset": dataset, "bin_ms": bin_ms, "phase": phase, "seed": seed, "fit_bin_ms": fit_bin}
     t_fit = time.perf_counter()
-    members = train_members(specs, cfg, data, dev, workers=workers or 1, log=log, export_seed=seed, resume=resume,
-                            progress=progress, metric_fn=metric_fn, meta=meta)
+    members = train_members(fit_specs, cfg, fit_data, dev, workers=workers or 1, log=log, export_seed=seed,
+                            resume=resume, progress=progress, metric_fn=metric_fn, meta=meta)
+    members = [dataclasses.replace(m, rates=upsample(m.rates, fit_bin // bin_ms)) for m in members]
     fit_seconds = time.perf_counter() - t_fit
     rates = Rates.mean([m.rates for m in members])
     log("scoring the model and the smoothing baseline ...")
@@ -423,7 +453,7 @@ def run_nlb(
     local = [(score_split(m.rates, data, s.valid, s.fit_trials),
               score_smoothing_split(data, s.valid, s.fit_trials)) for m, s in zip(members, specs)]
     metrics: Dict[str, Any] = {
-        "dataset": dataset, "bin_ms": bin_ms, "phase": phase, "n_models": n_models,
+        "dataset": dataset, "bin_ms": bin_ms, "fit_bin_ms": fit_bin, "phase": phase, "n_models": n_models,
         "n_fit_trials": specs[0].fit_trials.n_trials, "n_valid_trials": specs[0].valid.n_trials,
         "n_eval_trials": data.n_eval,
         "local": {"model": _clean(_mean_scores([m for m, _ in local])),
