@@ -14,7 +14,8 @@ training trials only. On the small datasets five models are trained (``eval.n_mo
 with ``--workers 2``): model i keeps the state with the best co-bps on fold i of the training
 trials and fits the other folds, plus the held-in spikes only of its validation trials and the
 evaluation trials (``{out}/member{i}/checkpoints/best.pt``); the submission averages their rates
-(each the mean of 50 posterior draws, in counts per bin). ``--set eval.n_models=1``: one model on a
+(each the mean of 50 posterior draws, in counts per bin). 5 ms data are fitted in 20 ms bins and
+the rates interpolated back to 5 ms (``--fit-bin-ms 5`` fits at 5 ms). ``--set eval.n_models=1``: one model on a
 random 20% validation split (``{out}/checkpoints/best.pt``). Scores for the model and the
 smoothing baseline, computed in the same run: on each member's validation split (``local``; it
 chose that member's checkpoint, so it is optimistic) and, when the eval target is known, on the

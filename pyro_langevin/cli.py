@@ -63,7 +63,7 @@ def add_nlb_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "key, e.g. --set model.latent_dim=32 --set fit.lr=1e-3 --set eval.n_models=1")
     p.add_argument("--fit-bin-ms", type=int, default=None, metavar=_choices(BIN_SIZES),
                    help="bin size the model fits at (default 20: 5 ms data are summed into 20 ms bins to fit, and "
-                        "the rates interpolated back to 5 ms, which cross-validated better and 4x faster); "
+                        "the rates interpolated back to 5 ms, which cross-validated better and runs 3.5x faster); "
                         "--fit-bin-ms 5 fits 5 ms data at 5 ms")
     p.add_argument("--cv", type=positive_int, default=None, metavar="K",
                    help="K-fold cross-validation over the training trials instead of a submission run: each "

@@ -45,6 +45,9 @@ Where and why :func:`default_config` deviates from them:
   cross-validation that chose it. The released code has no such augmentation.
 * **Guide.** The bidirectional (smoothing) GRU guide (``guide.name = "bigru"``), where the released
   code reads the spikes with a forward GRU; it won every cross-validated comparison (see :data:`_SMALL`).
+* **Fitting bins.** A configuration is that of the bins the model fits at. A 5 ms run fits at
+  20 ms by default and interpolates its rates back to 5 ms (:mod:`pyro_langevin.nlb.coarse`), so
+  its model takes the 20 ms configuration; ``--fit-bin-ms 5`` gives it the 5 ms one.
 
 Settings are dotted keys of :class:`NLBConfig` (``model.latent_dim``, ``guide.hidden``, ``fit.lr``,
 ``eval.n_models`` ...): the tables below, ``--set KEY=VALUE`` on the command line, and
