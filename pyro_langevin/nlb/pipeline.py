@@ -3,6 +3,8 @@
 :func:`run_nlb` is the whole pipeline (``examples/nlb.py`` and ``pyro-langevin nlb`` call it):
 
 1. :func:`~pyro_langevin.nlb.data.load_nlb` (NWB through nlb_tools, or preprocessed h5 folders).
+   5 ms data are summed into 20 ms bins for the members to fit (``fit_bin_ms``,
+   :mod:`pyro_langevin.nlb.coarse`); their rates are interpolated back to 5 ms before step 5.
 2. :func:`fold_members`: validation data are carved from the TRAINING trials only: a random split
    for one model, fold i of K for ensemble member i. A member's fitting batch
    (:meth:`MemberSpec.training_batch`) holds its other training trials in full (held-in and
