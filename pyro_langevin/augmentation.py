@@ -47,11 +47,14 @@ def temporal_shift(batch: Batch, std: float, max_shift: int, generator: Optional
     Batch
         The shifted batch. A neuron shifted by ``s`` bins holds, at bin ``t``, what it emitted at
         ``t - s``, over the observed and forward bins together (so its forward bins stay in time
-        with its observed ones). The input's held-in neurons move with their target columns, so the
-        guide reads the train the likelihood scores, with one exception: the input never holds
-        forward data, and where a shifted held-in train would read a forward bin the input repeats
-        the last observed bin. Target bins a shift would read from outside the trial are left out
-        of the likelihood (``mask`` False): they are not observations. ``behavior`` is not shifted.
+        with its observed ones). Target bins a shift would read from outside the trial (before bin 0
+        or past the last forward bin) are left out of the likelihood (``mask`` False): they are not
+        observations. The input's held-in neurons move with their target columns, so the guide
+        reads the train the likelihood scores, but the guide never reads data it would not have at
+        test time: an input bin whose source lies outside the observed window (before bin 0 for a
+        positive shift, in the forward window for a negative one) is hidden from it, i.e. zero, as
+        coordinated dropout hides entries (nothing is fabricated in its place), while the target
+        there keeps the real forward counts. ``behavior`` is not shifted.
     """
     if std < 0 or max_shift < 0:
         raise ValueError(f"temporal_shift: std and max_shift must be >= 0, got std={std!r}, max_shift={max_shift!r}")
@@ -64,6 +67,9 @@ def temporal_shift(batch: Batch, std: float, max_shift: int, generator: Optional
     index = source.clamp(0, span - 1)
     target = torch.gather(batch.target, 1, index)
     mask = torch.gather(batch.mask, 1, index) & (source >= 0) & (source < span)
-    # the input never reads a forward bin: past the observed window it repeats the last observed bin
-    shifted_input = torch.gather(batch.input, 1, index[:, :t, :n_in].clamp(max=t - 1))
+    # the guide reads only observed held-in bins: an input whose source is before the trial or in the
+    # forward window is hidden (zero), never filled with a neighbouring bin's count
+    source_in = source[:, :t, :n_in].expand(n, t, n_in)
+    read = torch.gather(batch.input, 1, index[:, :t, :n_in].clamp(max=t - 1).expand(n, t, n_in))
+    shifted_input = torch.where((source_in >= 0) & (source_in < t), read, torch.zeros_like(read))
     return replace(batch, input=shifted_input, target=target, mask=mask)

@@ -12,14 +12,17 @@ each other's parameters. Here every instance gets its own name, a readable prefi
 wide counter (``LangevinFlow_0``, ``GRUGuide_1``; a copy or an unpickled instance gets a fresh one),
 and registration raises if the store holds a *different* tensor under one of its names (two
 instances given the same ``pyro_name`` by hand, or parameters replaced after registration).
-``pyro.clear_param_store()`` forgets all names. The store keeps the registered tensors alive until
-it is cleared, as with any ``pyro.module``; save and restore models with their ``state_dict``
-(checkpoints), not with the param store, whose names are per process.
+Lifetime: an instance's entries leave the store when the instance is garbage collected (or at
+once with :meth:`PyroRegistered.release_params`), so a process that fits many models one after
+another (an ensemble, cross-validation folds) does not accumulate their tensors, and nothing here
+ever clears the store: a user's own ``pyro.param`` sites stay. Save and restore models with their
+``state_dict`` (checkpoints), not with the param store, whose names are per process.
 """
 
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import pyro
 from pyro.params import param_with_module_name
@@ -36,6 +39,24 @@ def _fresh_name(prefix: str) -> str:
     return f"{prefix}_{next(_instances)}"
 
 
+def _release(entries: dict[str, "weakref.ref"]) -> None:
+    """Remove from Pyro's store the entries still holding the tensors this instance registered."""
+    store = pyro.get_param_store()
+    for name, ref in list(entries.items()):
+        value = ref()
+        if value is not None and name in store and store[name] is value:
+            del store[name]
+            value.__dict__.pop("unconstrained", None)  # Pyro's weak back-reference: it blocks pickling
+    entries.clear()
+
+
+def _track(module: "PyroRegistered") -> None:
+    """Give ``module`` an empty record of its store entries, released when it is collected."""
+    entries: dict[str, weakref.ref] = {}
+    module.__dict__["_store_entries"] = entries
+    weakref.finalize(module, _release, entries).atexit = False
+
+
 class PyroRegistered(nn.Module):
     """An ``nn.Module`` whose parameters Pyro can train; subclasses call :meth:`register_params`.
 
@@ -49,11 +70,25 @@ class PyroRegistered(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.pyro_name = _fresh_name(type(self).__name__)
+        _track(self)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__().copy()
+        state.pop("_store_entries", None)  # weak references do not pickle; a copy tracks its own
+        return state
 
     def __setstate__(self, state: dict) -> None:
         # copy.deepcopy and unpickling go through here: a copy is a new instance with new tensors
         super().__setstate__(state)
         self.pyro_name = _fresh_name(type(self).__name__)
+        _track(self)
+
+    def release_params(self) -> None:
+        """Remove this instance's parameters from Pyro's param store (done anyway when it is collected).
+
+        The module keeps its parameters; its next call registers them again.
+        """
+        _release(self._store_entries)
 
     def register_params(self) -> None:
         """Declare every trainable parameter as a Pyro ``param`` site (frozen ones are skipped)."""
@@ -66,10 +101,11 @@ class PyroRegistered(nn.Module):
                 raise RuntimeError(
                     f"Pyro's param store holds another tensor under {full_name!r}: two modules share the "
                     f"pyro_name {self.pyro_name!r}, or this {type(self).__name__}'s parameters were replaced "
-                    "after it was registered. Give each instance its own pyro_name (the default is unique) "
-                    "or call pyro.clear_param_store()."
+                    "after it was registered. Give each instance its own pyro_name (the default is unique), "
+                    "or call release_params() before replacing parameters."
                 )
             pyro.param(full_name, value)
+            self._store_entries[full_name] = weakref.ref(value)
 
 
 def traced_value(name: str):

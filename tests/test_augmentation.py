@@ -30,10 +30,10 @@ def test_each_neuron_train_moves_by_its_own_shift_in_input_and_target():
             lo, hi = max(0, k), min(span, span + k)  # bins that read inside the trial
             assert torch.equal(s.target[i, lo:hi, j], b.target[i, lo - k:hi - k, j])
             assert s.mask[i, lo:hi, j].all() and not s.mask[i, :lo, j].any() and not s.mask[i, hi:, j].any()
-            if j < n_in:  # the guide reads the shifted train, never a forward bin
-                keep = min(t, t + k)
-                assert torch.equal(s.input[i, :keep, j], s.target[i, :keep, j])
-                assert (s.input[i, keep:, j] == b.input[i, t - 1, j]).all()
+            if j < n_in:  # the guide reads the shifted train where it was observed, and nothing else
+                first, stop = max(0, k), min(t, t + k)  # input bins whose source is an observed bin
+                assert torch.equal(s.input[i, first:stop, j], s.target[i, first:stop, j])
+                assert (s.input[i, :first, j] == 0).all() and (s.input[i, stop:, j] == 0).all()
     assert torch.equal(s.index, b.index)
 
 
@@ -85,8 +85,13 @@ def test_forward_bins_move_with_the_train_and_never_reach_the_guide():
     assert torch.equal(s.target[scored], expected.expand_as(s.target)[scored].float())
     assert torch.equal(scored, (expected >= 0) & (expected < t + f))
     assert float(s.input.max()) <= t - 1  # a ramp: any forward count in the input would exceed t - 1
-    inside = expected[:, :t, :n_in] <= t - 1
-    assert torch.equal(s.input[inside.expand_as(s.input)], s.target[:, :t, :n_in][inside.expand_as(s.input)])
+    inside = ((expected[:, :t, :n_in] >= 0) & (expected[:, :t, :n_in] <= t - 1)).expand_as(s.input)
+    assert torch.equal(s.input[inside], s.target[:, :t, :n_in][inside])
+    # past the observed window (and before bin 0) the input is hidden, not a copy of bin t - 1 (or 0),
+    # while the target there holds the real forward counts
+    assert (s.input[~inside] == 0).all() and (~inside).any()
+    past = (expected[:, :t, :n_in] > t - 1).expand_as(s.input)
+    assert past.any() and (s.target[:, :t, :n_in][past] > t - 1).all()
 
 
 @pytest.mark.parametrize("bin_ms", [5, 20])

@@ -54,7 +54,9 @@ def test_coarsen_data_gives_the_20ms_files_from_the_5ms_ones():
     assert d20.bin_ms == 20 and (d20.n_observed_bins, d20.n_forward_bins) == (35, 10)
     assert torch.equal(d20.train.target, d5.train.target.reshape(75, 45, 4, -1).sum(2))
     assert torch.equal(d20.eval.input, d5.eval.input.reshape(25, 35, 4, -1).sum(2))
-    assert not d20.eval.mask[:, :, d5.n_heldin:].any() or d5.has_eval_target
+    # a 20 ms entry is observed exactly where all four 5 ms entries are
+    assert torch.equal(d20.train.mask, d5.train.mask.reshape(75, 45, 4, -1).all(2))
+    assert torch.equal(d20.eval.mask, d5.eval.mask.reshape(25, 45, 4, -1).all(2))
     assert coarsen_data(d5, 5) is d5
 
 
@@ -87,14 +89,27 @@ def test_resolve_fit_bin_refuses(bin_ms, fit):
 def test_5ms_run_fits_at_the_fit_bins_and_writes_5ms_rates(tmp_path, fit_bin_ms, dt):
     m = nlb_pipeline.run_nlb("mc_maze_small", DATA, 5, "val", tmp_path / "run", quick=True, progress=False,
                              fit_bin_ms=fit_bin_ms, log=lambda s: None)
-    assert m["bin_ms"] == 5 and m["fit_bin_ms"] == (fit_bin_ms or 20)
-    model, _, spec, _ = load_run(m["checkpoint"])
+    fit_bin = fit_bin_ms or 20
+    assert m["bin_ms"] == 5 and m["fit_bin_ms"] == fit_bin
+    model, guide, spec, _ = load_run(m["checkpoint"])
     assert spec.model.dt == pytest.approx(dt)  # the model is configured for the bins it fits
+    # the written 5 ms rates are the fitted model's own rates at its bins, interpolated and divided
+    # by the number of 5 ms bins in a fitting bin: values, not only shapes
+    d5 = load_nlb("mc_maze_small", DATA, bin_ms=5, phase="val")
+    own = nlb_pipeline.export_rates(model, guide, coarsen_data(d5, fit_bin), spec.eval.export_draws, seed=0)
+    expected = upsample_rates(own.eval, fit_bin // 5)
     import h5py
     with h5py.File(m["submission"]) as f:
         grp = f["mc_maze_small"]
-        assert grp["eval_rates_heldout"].shape == (25, 140, 35)
-        assert grp["eval_rates_heldout_forward"].shape == (25, 40, 35)
+        written_heldout = grp["eval_rates_heldout"][()]
+        written_forward = grp["eval_rates_heldout_forward"][()]
+        written_train = np.concatenate([grp["train_rates_heldin"][()], grp["train_rates_heldout"][()]], -1)
+    assert written_heldout.shape == (25, 140, 35) and written_forward.shape == (25, 40, 35)
+    np.testing.assert_allclose(written_heldout, expected[:, :140, d5.n_heldin:], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(written_forward, expected[:, 140:, d5.n_heldin:], rtol=1e-4, atol=1e-7)
+    # counts per 5 ms bin: the mean rate matches the mean 5 ms count (a 4x error would not)
+    mean_count = float(d5.train.target[:, :140].mean())
+    assert 0.7 < written_train.mean() / mean_count < 1.4
     assert np.isfinite(m["local"]["model"]["co-bps"])  # scored at 5 ms against the 5 ms targets
 
 

@@ -104,12 +104,20 @@ def test_rebin_sums_counts_and_averages_behaviour(tmp_path):
 
 
 def test_fold_ensemble_run_averages_members_and_workers_change_nothing(tmp_path):
-    """run_nlb with n_models=2: members validate on disjoint folds; 2 worker processes give the same rates."""
+    """run_nlb with n_models=2: members validate on disjoint folds; 2 worker processes give the same rates.
+    A user's own Pyro param sites survive the runs, and the members' tensors leave the store (issue 24)."""
+    import gc
+    import pyro
+
+    mine = pyro.param("users_own_site", torch.ones(2))
     runs = {}
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
         runs[workers] = nlb_pipeline.run_nlb("mc_maze_small", DATA, 5, "val", out, quick=True, progress=False,
                                              overrides={"eval.n_models": 2}, workers=workers, log=lambda s: None)
+    gc.collect()
+    assert list(pyro.get_param_store().keys()) == ["users_own_site"]
+    assert pyro.param("users_own_site") is mine
     m = runs[1]
     assert m["n_models"] == 2 and len(m["members"]) == 2
     v0, v1 = (set(x["valid_trials"]) for x in m["members"])

@@ -169,3 +169,29 @@ def test_two_models_in_one_process_stay_separate(trials):
     clone.pyro_name = first.pyro_name
     with pytest.raises(RuntimeError, match="pyro_name"):
         poutine.trace(clone).get_trace(trials)
+
+
+def test_a_collected_model_leaves_the_param_store_and_the_users_sites_stay(trials):
+    """Issue 24: fitting many models in one process must not grow Pyro's store or clear a user's sites."""
+    import gc
+    import pickle
+
+    store = pyro.get_param_store()
+    mine = pyro.param("users_own_site", torch.ones(3))
+    for _ in range(3):
+        model = LangevinFlow(trials.n_neurons, latent_dim=4)
+        guide = GRUGuide(model, trials.n_heldin, hidden=8)
+        fit(model, guide, trials, None, FitConfig(epochs=1, batch_size=16), progress=False)
+        assert len(store) > 1  # registered while alive (plain Pyro can train them)
+        del model, guide
+        gc.collect()
+        assert list(store.keys()) == ["users_own_site"] and store["users_own_site"] is mine
+    model = LangevinFlow(trials.n_neurons, latent_dim=4)
+    model(trials)
+    n = len(store)
+    model.release_params()  # at once, without waiting for the collector
+    assert list(store.keys()) == ["users_own_site"]
+    copy_of = pickle.loads(pickle.dumps(model))  # released parameters pickle (Pyro's weak back-references gone)
+    model(trials)
+    copy_of(trials)
+    assert len(store) == 2 * n - 1  # each instance under its own names

@@ -231,7 +231,6 @@ def fold_members(train: Batch, heldin_only: Sequence[Batch], n_models: int, vali
 def build_member(spec: MemberSpec, cfg: NLBConfig, data: NLBData) -> Tuple[NLBConfig, Any, Any]:
     """The member's own run spec (``cfg`` with the member's seed, stored with its checkpoints) and its
     freshly built model and guide, initialised from that seed."""
-    pyro.clear_param_store()  # members trained one after another in a process: free the last one's tensors
     cfg = dataclasses.replace(cfg, fit=cfg.member_fit(spec.seed))
     model, guide = build(cfg, data.n_neurons, data.n_heldin)
     return cfg, model, guide
