@@ -22,7 +22,7 @@ import time
 from pyro_langevin.console import Session, run_command
 from pyro_langevin.data.lorenz import make_lorenz
 from pyro_langevin.metrics import rate_r2
-from pyro_langevin.options import ArgumentParser, add_run_arguments, check_run_options
+from pyro_langevin.options import ArgumentParser, add_run_arguments, add_spec_arguments, check_run_options, spec_overrides
 from pyro_langevin.plots import plot_rates_and_latents
 from pyro_langevin.posterior import posterior_means
 from pyro_langevin.smoothing import choose_smoothing_width, smooth_spikes
@@ -33,6 +33,7 @@ from pyro_langevin.training import fit
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="examples/lorenz.py", description=__doc__.split("\n")[0])
     add_run_arguments(p, "lorenz", "training epochs (default 200, quick 15)", "small data and 15 epochs")
+    add_spec_arguments(p, "pyro_langevin.spec.RunSpec")
     return p.parse_args(argv)
 
 
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace, session: Session) -> dict:
         "fit.kl_ramp": 0.25, "fit.weight_decay_ramp": 0.25, "fit.val_every": 3 if args.quick else 5,
         "fit.seed": args.seed,
     })
+    spec = spec.override(spec_overrides(args, spec))  # --spec FILE, then --set KEY=VALUE
     meta = {"script": "lorenz", "quick": args.quick, "seed": args.seed}
     opts = session.options = check_run_options(args, "lorenz", {**meta, "spec": spec.to_dict()})  # a resume must match
     device = opts.device

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import sys
 
-from pyro_langevin.cli import nlb_main
+from pyro_langevin.nlb.cli import nlb_main
 
 
 def main(argv=None) -> int:

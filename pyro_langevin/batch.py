@@ -22,12 +22,14 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from pyro_langevin.errors import InputError
+
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 __all__ = ["Batch", "make_batch", "BatchError"]
 
 
-class BatchError(ValueError):
+class BatchError(InputError):
     """Raised when arrays do not satisfy the batch contract; the message names the field."""
 
 

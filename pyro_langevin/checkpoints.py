@@ -18,18 +18,24 @@ import numpy as np
 import torch
 
 from pyro_langevin.atomic import atomic_path
+from pyro_langevin.errors import InputError
 
 __all__ = [
     "CHECKPOINT_FORMAT", "CheckpointMismatchError", "save_checkpoint", "load_checkpoint",
     "load_state_checked", "restore_checkpoint", "TrainingState", "clone_state", "module_sizes",
-    "rng_state", "set_rng_state",
+    "rng_state", "set_rng_state", "RESUME_MAY_CHANGE", "resume_conflicts",
 ]
 
 #: Version of the checkpoint layout written by :func:`~pyro_langevin.training.fit`.
 CHECKPOINT_FORMAT = 2
 
+#: Settings a resumed run may change (the last part of a dotted key: ``fit.epochs``, or a flat name):
+#: how long it trains, how patient it is and how often it writes and validates. Any other setting
+#: that differs from the checkpoint's makes a different run.
+RESUME_MAY_CHANGE = ("epochs", "patience", "checkpoint_every", "max_retries", "val_every")
 
-class CheckpointMismatchError(ValueError):
+
+class CheckpointMismatchError(InputError):
     """A checkpoint's tensors do not fit the model or guide it is loaded into."""
 
 
@@ -271,3 +277,25 @@ class TrainingState:
         if self.meta is None:
             self.meta = ckpt.get("meta")
         return ckpt
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_conflicts(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """``KEY=old there, new here`` for every setting of ``wanted`` that a checkpoint's ``saved`` meta
+    holds differently: why resuming it would not continue the same run.
+
+    Nested dicts (a run spec) compare key by key; keys ``saved`` lacks (older checkpoints) and
+    :data:`RESUME_MAY_CHANGE` are skipped.
+    """
+    old, new = _flatten(saved), _flatten(wanted)
+    return [f"{k}={old[k]!r} there, {v!r} here" for k, v in new.items()
+            if k in old and k.rsplit(".", 1)[-1] not in RESUME_MAY_CHANGE and old[k] != v]

@@ -2,7 +2,8 @@
 
 :func:`run_command` wraps the body of ``pyro-langevin nlb`` and of every ``examples/*.py``:
 
-* bad input (:class:`~pyro_langevin.options.OptionError`, data and checkpoint errors) ends with
+* bad input (any :class:`~pyro_langevin.errors.InputError`: an option, data, a setting, a
+  checkpoint that does not fit, or an unreadable file) ends with
   one line ``PROG: error: ...`` on stderr and exit status 2; a training run that diverges, with
   one line and status 1;
 * Ctrl-C ends with one line ``PROG: interrupted at epoch N; checkpoint saved in DIR; rerun with
@@ -21,6 +22,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+from pyro_langevin.errors import InputError
 from pyro_langevin.options import EXIT_BAD_INPUT, RunOptions, one_line
 
 __all__ = ["Session", "Terminated", "run_command", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
@@ -78,15 +80,6 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
-def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    from pyro_langevin.batch import BatchError
-    from pyro_langevin.checkpoints import CheckpointMismatchError
-    from pyro_langevin.data.errors import NLBDataError
-    from pyro_langevin.options import OptionError
-
-    return (OptionError, NLBDataError, BatchError, CheckpointMismatchError, OSError)
-
-
 def run_command(body: Callable[[Session], Any], prog: str) -> int:
     """Run ``body(session)`` as a command; return its exit status (0 when it returns).
 
@@ -107,7 +100,7 @@ def run_command(body: Callable[[Session], Any], prog: str) -> int:
         return _say(prog, session.interrupted_line(), EXIT_INTERRUPTED)
     except Terminated:
         return _say(prog, session.interrupted_line().replace("interrupted", "terminated", 1), EXIT_TERMINATED)
-    except _bad_input_errors() as exc:
+    except (InputError, OSError) as exc:
         return _say(prog, f"error: {one_line(exc)}", EXIT_BAD_INPUT)
     except TrainingDivergedError as exc:
         return _say(prog, f"error: {one_line(exc)}", EXIT_FAILED)

@@ -7,23 +7,25 @@ or any model is trained:
 * ``--epochs``, ``--seed``, ``--threads``: integers in range (argparse types :func:`positive_int`,
   :func:`non_negative_int`);
 * ``--device``: ``cpu``, ``cuda`` or ``cuda:N``, and CUDA only where a GPU is present
-  (:func:`check_device`, also used by :func:`~pyro_langevin.training.fit`);
+  (:func:`~pyro_langevin.devices.check_device`, the check :func:`~pyro_langevin.training.fit` makes too);
 * ``--out``: a folder that can be created and that holds no earlier run unless ``--resume`` or
   ``--overwrite`` says what to do with it (:func:`check_out`); ``--quick`` runs default to their
   own folder (:func:`default_out`);
-* ``--resume``: a readable ``last.pt`` written by the same kind of run (:func:`check_resume`).
+* ``--resume``: a readable ``last.pt`` written by the same kind of run (:func:`check_resume`; the
+  rule of what may differ is :func:`~pyro_langevin.checkpoints.resume_conflicts`);
+* ``--set KEY=VALUE`` and ``--spec FILE``: settings of a run spec by dotted key
+  (:func:`add_spec_arguments`, :func:`spec_overrides`).
 
-Bad input raises :class:`OptionError`, whose message is the one line the user sees (the console
-layer, :mod:`pyro_langevin.console`, prints it and exits with status 2).
+Bad input raises :class:`OptionError` (an :class:`~pyro_langevin.errors.InputError`), whose message
+is the one line the user sees (the console layer, :mod:`pyro_langevin.console`, prints it and exits
+with status 2). The options of one benchmark live with it (:mod:`pyro_langevin.nlb.cli`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -31,25 +33,21 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 
 from pyro_langevin import __version__
+from pyro_langevin.checkpoints import load_checkpoint, resume_conflicts
+from pyro_langevin.devices import DeviceError, check_device
+from pyro_langevin.errors import InputError
 
 __all__ = [
     "EXIT_BAD_INPUT", "OptionError", "ArgumentParser", "positive_int", "non_negative_int",
-    "add_run_arguments", "check_run_options", "RunOptions", "check_device", "check_out", "default_out",
-    "check_resume", "parse_overrides", "check_nlb_tools", "check_nlb_config", "check_fit_bin", "one_line", "NLB_INSTALL",
+    "add_run_arguments", "check_run_options", "RunOptions", "check_out", "default_out",
+    "check_resume", "parse_overrides", "add_spec_arguments", "spec_overrides", "one_line",
 ]
 
 #: Exit status for bad input (as argparse uses).
 EXIT_BAD_INPUT = 2
 
-#: How to install what the NLB pipeline needs (nlb_tools pins an old pandas, hence --no-deps).
-NLB_INSTALL = "pip install -e '.[nlb]' && pip install --no-deps nlb-tools==0.0.4"
 
-#: Checkpoint/config fields a resumed run may change (as :func:`~pyro_langevin.training.fit` allows).
-RESUME_MAY_CHANGE = ("epochs", "patience", "checkpoint_every", "max_retries", "val_every")
-"""Settings a resumed run may change (the last part of a dotted key: ``fit.epochs``, or a flat name)."""
-
-
-class OptionError(ValueError):
+class OptionError(InputError):
     """An invalid command-line option or setting; the message is one line naming the option."""
 
 
@@ -136,7 +134,10 @@ def check_run_options(args: argparse.Namespace, name: str, meta: Optional[Mappin
     OptionError
         With a one-line message naming the option.
     """
-    device = check_device(args.device)
+    try:
+        device = check_device(args.device)
+    except DeviceError as exc:
+        raise OptionError(f"--device: {exc}") from None
     if args.out is None:
         args.out = default_out(name, args.quick)
     out = check_out(args.out, resume=args.resume, overwrite=args.overwrite)
@@ -150,31 +151,6 @@ def check_run_options(args: argparse.Namespace, name: str, meta: Optional[Mappin
 def default_out(name: str, quick: bool = False) -> Path:
     """``runs/{name}``, or ``runs/{name}-quick`` for smoke runs, so that these never replace a real run."""
     return Path("runs") / (f"{name}-quick" if quick else name)
-
-
-def check_device(device: Union[str, torch.device, None]) -> torch.device:
-    """The torch device for ``device`` (None: ``cuda`` when available, else ``cpu``).
-
-    Raises
-    ------
-    OptionError
-        For a device other than ``cpu``/``cuda[:N]``, or CUDA without a usable GPU.
-    """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise OptionError(f"device {str(device)!r} is not a device; choose cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise OptionError(f"device {str(device)!r} is not supported; choose cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise OptionError(f"device {str(device)!r} asked for, but no CUDA GPU is available "
-                              "(torch.cuda.is_available() is False); use cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise OptionError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return dev
 
 
 def check_out(out: Union[str, Path], resume: bool = False, overwrite: bool = False) -> Path:
@@ -216,16 +192,15 @@ def check_resume(last: Path, meta: Optional[Mapping[str, Any]] = None) -> Option
     last : Path
         The ``last.pt`` a resumed run would continue from. A missing file means starting afresh.
     meta : mapping, optional
-        Items the checkpoint's ``meta`` must hold with the same values (nested dicts, such as a run
-        spec, are compared key by key, except :data:`RESUME_MAY_CHANGE`).
+        Items the checkpoint's ``meta`` must hold with the same values
+        (:func:`~pyro_langevin.checkpoints.resume_conflicts`: nested dicts, such as a run spec,
+        compare key by key; what a resumed run may change is skipped).
 
     Raises
     ------
     OptionError
         The file is unreadable, or it was written by a run with other settings.
     """
-    from pyro_langevin.checkpoints import load_checkpoint
-
     if not last.is_file():
         return None
     try:
@@ -235,38 +210,20 @@ def check_resume(last: Path, meta: Optional[Mapping[str, Any]] = None) -> Option
     if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
         raise OptionError(f"--resume: {last} is not a checkpoint written by fit; rerun with --overwrite")
     saved = ckpt.get("meta") or {}
-    diffs = _differences(saved, meta or {})
+    diffs = resume_conflicts(saved, dict(meta or {}))
     if diffs:
         raise OptionError(f"--resume: {last} was written by a different run ({'; '.join(diffs[:4])}); "
                           "use the same options, or --overwrite to start afresh")
     return last
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """``KEY=old there, new here`` for every setting of ``wanted`` that ``saved`` holds differently;
-    keys ``saved`` lacks (older checkpoints) and :data:`RESUME_MAY_CHANGE` are skipped."""
-    old, new = _flatten(saved), _flatten(wanted)
-    return [f"{k}={old[k]!r} there, {v!r} here" for k, v in new.items()
-            if k in old and k.rsplit(".", 1)[-1] not in RESUME_MAY_CHANGE and old[k] != v]
-
-
 def parse_overrides(items: Sequence[str], spec: Any) -> dict[str, Any]:
     """``["model.latent_dim=32", "fit.kl_final=0.1"]`` -> ``{"model.latent_dim": 32, "fit.kl_final": 0.1}``.
 
     Keys are the dotted keys of the run spec ``spec`` (:class:`~pyro_langevin.spec.RunSpec`).
-    Values are read as JSON (else as strings) and must match the type of the current value:
-    integers for int fields, finite numbers for float fields, ``true``/``false`` for bool fields,
-    objects for dict fields.
+    Values are read as JSON (else as strings) and must match the type of the current value
+    (:meth:`~pyro_langevin.spec.RunSpec.typed`): integers for int fields, finite numbers for float
+    fields, ``true``/``false`` for bool fields, objects for dict fields.
     """
     from pyro_langevin.spec import SpecError
 
@@ -278,93 +235,44 @@ def parse_overrides(items: Sequence[str], spec: Any) -> dict[str, Any]:
             raise OptionError(f"--set expects KEY=VALUE (e.g. fit.lr=1e-3), got {item!r}")
         try:
             current = spec.get(key)
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = text
+            if isinstance(current, str):
+                value = text  # a string field takes the text as written (no JSON reading of "1e-3")
+            out[key] = spec.typed(key, value)
         except SpecError as exc:
             raise OptionError(f"--set {one_line(exc)}") from None
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        out[key] = _typed(key, value, current, text)
     return out
 
 
-def _typed(key: str, value: Any, default: Any, text: str) -> Any:
-    kind = type(default)
-    if kind is bool:
-        ok = isinstance(value, bool)
-        want = "true or false"
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        want = "an integer"
-    elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        value = float(value) if ok else value
-        want = "a finite number"
-    elif kind is dict:
-        ok = isinstance(value, dict)
-        want = 'a JSON object, e.g. {"key": 1}'
-    else:
-        value = text if kind is str else value
-        ok = isinstance(value, kind)
-        want = f"a {kind.__name__}"
-    if not ok:
-        raise OptionError(f"--set {key}={text}: expected {want}")
-    return value
+def add_spec_arguments(p: argparse.ArgumentParser, spec_name: str) -> argparse.ArgumentParser:
+    """Add ``--spec FILE`` and ``--set KEY=VALUE`` (repeatable): settings of the run spec ``spec_name``."""
+    p.add_argument("--spec", type=Path, default=None, metavar="FILE",
+                   help=f"settings of the run spec ({spec_name}) from a JSON or YAML file, nested by section "
+                        "({\"model\": {\"latent_dim\": 32}}) or by dotted key; --set wins over it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a setting of the run spec ({spec_name}) by its dotted key, e.g. "
+                        "--set model.latent_dim=32 --set fit.lr=1e-3")
+    return p
 
 
-def check_nlb_tools() -> None:
-    """Raise :class:`OptionError` with the install command unless nlb_tools and its needs import."""
-    try:
-        for module in ("nlb_tools.evaluation", "nlb_tools.make_tensors"):
-            importlib.import_module(module)
-    except ImportError as exc:
-        raise OptionError(f"the NLB pipeline needs nlb_tools ({one_line(exc)}): {NLB_INSTALL}") from None
+def spec_overrides(args: argparse.Namespace, spec: Any) -> dict[str, Any]:
+    """The dotted-key settings of ``--spec FILE`` and then ``--set`` (which win), checked against ``spec``."""
+    from pyro_langevin.spec import SpecError, read_spec_file
+
+    changes: dict[str, Any] = {}
+    if getattr(args, "spec", None) is not None:
+        try:
+            changes.update(read_spec_file(args.spec, spec))
+        except SpecError as exc:
+            raise OptionError(f"--spec {one_line(exc)}") from None
+    changes.update(parse_overrides(getattr(args, "set", []) or [], spec))
+    return changes
 
 
 def one_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when the message is empty)."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
-
-
-def check_fit_bin(dataset: str, bin_ms: int, phase: str, fit_bin_ms: Optional[int]) -> int:
-    """The bin width an NLB run's model fits at (``--fit-bin-ms``, default by ``--bin-ms``), checked
-    after the dataset, bin size and phase."""
-    from pyro_langevin.data.errors import NLBDataError
-    from pyro_langevin.nlb.coarse import resolve_fit_bin
-    from pyro_langevin.nlb.data import check_args
-
-    check_args(dataset, bin_ms, phase)
-    try:
-        return resolve_fit_bin(bin_ms, fit_bin_ms)
-    except NLBDataError as exc:
-        raise OptionError(f"--fit-bin-ms: {exc}") from None
-
-
-def check_nlb_config(dataset: str, bin_ms: int, phase: str, *, quick: bool = False, epochs: Optional[int] = None,
-                     overrides: Sequence[str] = (), seed: int = 0):
-    """The :class:`~pyro_langevin.nlb.config.NLBConfig` of an NLB run, every field checked.
-
-    The per-dataset default (:func:`~pyro_langevin.nlb.config.default_config`), then ``--set``
-    overrides (dotted keys, typed by :func:`parse_overrides`), then ``epochs``. Every section
-    validates its own fields, and the model and guide must build.
-    """
-    from pyro_langevin.nlb.config import default_config
-    from pyro_langevin.nlb.data import check_args
-    from pyro_langevin.spec import build
-
-    check_args(dataset, bin_ms, phase)
-    cfg = default_config(dataset, bin_ms, quick=quick)
-    changes = parse_overrides(overrides, cfg)
-    if epochs is not None:
-        changes["fit.epochs"] = epochs
-    try:
-        cfg = cfg.override(changes)
-    except ValueError as exc:
-        raise OptionError(one_line(exc)) from None
-    try:
-        with torch.random.fork_rng(devices=[]):
-            build(cfg, n_neurons=4, n_heldin=2)
-    except Exception as exc:  # whatever the constructors reject, as one line
-        raise OptionError(f"invalid model setting: {type(exc).__name__}: {one_line(exc)}") from None
-    return cfg

@@ -25,14 +25,15 @@ import torch
 
 from pyro_langevin.augmentation import temporal_shift
 from pyro_langevin.batch import Batch, BatchError
-from pyro_langevin.checkpoints import TrainingState, rng_state, set_rng_state
+from pyro_langevin.checkpoints import RESUME_MAY_CHANGE, TrainingState, rng_state, set_rng_state
+from pyro_langevin.devices import check_device, default_device
 from pyro_langevin.elbo import MarkovMeanFieldELBO, make_elbo
 from pyro_langevin.handlers import scale_latents
 from pyro_langevin.inputs import counts_with_features, encoder_features
-from pyro_langevin.options import RESUME_MAY_CHANGE, check_device
 from pyro_langevin.posterior import eval_mode
 from pyro_langevin.progress import progress_bar
 from pyro_langevin.selection import Selector
+from pyro_langevin.spec import FitConfig, ramp_epochs
 
 __all__ = [
     "FitConfig", "FitResult", "fit", "coordinated_dropout", "weight_decay_groups", "default_device", "ramp_epochs",
@@ -42,161 +43,6 @@ __all__ = [
 MetricFn = Callable[[torch.nn.Module, torch.nn.Module, Batch], dict[str, float]]
 
 _log = logging.getLogger(__name__)
-
-
-def default_device() -> torch.device:
-    """``cuda`` when a GPU is present, else ``cpu``."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@dataclass
-class FitConfig:
-    """Training options (defaults suit small data; see ``examples/`` for per-dataset settings).
-
-    Attributes
-    ----------
-    epochs : int
-        Passes over the training trials.
-    batch_size : int
-    lr : float
-        Adam learning rate.
-    weight_decay : float
-        Final weight decay; ramps linearly from 0 over the first ``weight_decay_ramp`` of the epochs.
-    weight_decay_ramp : float
-        Length of the ramp as a fraction of ``epochs`` (:func:`ramp_epochs`: rounded down, at least
-        one epoch); the default, 1/6, is 50 of the default 300 epochs. Above 1 the ramp outlasts
-        this fit: a run fitted in chunks (each resuming the last) keeps one ``n``-epoch ramp with
-        ``n / epochs``.
-    optimizer : {"adam", "adamw"}
-        ``"adam"``: weight decay as an L2 term in the gradient (the reference code's form; it is
-        negligible next to an ELBO summed over a minibatch of trials). ``"adamw"``: decoupled
-        weight decay, which shrinks weights by ``lr * weight_decay`` per step whatever the loss scale.
-    kl_start, kl_final, kl_ramp
-        KL weight (a ``scale_latents`` handler on model and guide) ramps linearly from ``kl_start``
-        to ``kl_final`` over the first ``kl_ramp`` (a fraction, as ``weight_decay_ramp``) of the
-        epochs. A proper ELBO has ``kl_final = 1``. The ramps follow ``epochs``: a run resumed with
-        other ``epochs`` continues on the new schedule (``fit`` warns when a ramp's length changes).
-    shift_std, shift_max
-        Temporal-shift augmentation (:func:`~pyro_langevin.augmentation.temporal_shift`): each
-        training step moves every (trial, neuron) spike train by
-        ``round(N(0, shift_std))`` bins, at most ``shift_max`` either way (0: ``2 * shift_std``,
-        rounded, at least 1). ``shift_std = 0`` (the default) disables it.
-    cd_keep : float
-        Coordinated dropout: fraction of held-in input entries the guide sees per step; the
-        likelihood scores only the hidden ones (1.0 disables it).
-    grad_clip : float
-        Maximum gradient norm.
-    val_every : int
-        Validate every this many epochs.
-    select_on, select_mode
-        Validation metric used for early stopping, LR plateaus and best-model selection.
-    patience : int
-        Stop after this many validations without improvement (0 disables early stopping).
-    lr_plateau_factor, lr_plateau_patience, lr_min
-        ``ReduceLROnPlateau`` on the validation metric.
-    validate_args : bool
-        Pyro/torch argument validation of every distribution during training steps. Off by
-        default: the batches are validated once up front and a non-finite loss or gradient is
-        caught at its step anyway, while per-site checks cost a device sync per bin on a GPU.
-    elbo : {"meanfield", "trace"}
-        :class:`~pyro_langevin.elbo.MarkovMeanFieldELBO` (Pyro's mean-field ELBO: analytic
-        per-step KL) or ``Trace_ELBO`` (Monte Carlo).
-    num_particles : int
-    val_samples : int
-        Posterior samples averaged in the default validation loss.
-    seed : int
-    max_retries : int
-        Numerical faults (a NaN or infinite loss, gradient, parameter or validation metric, or a
-        distribution rejecting non-finite parameters) are caught at the step they happen: the loop
-        restores the state at the start of the epoch (model, guide, optimizer, scheduler), multiplies
-        the learning rate by ``fault_lr_factor`` and redoes the epoch. After ``max_retries``
-        consecutive faults without completing an epoch it raises :class:`TrainingDivergedError`
-        (0: raise at the first fault).
-    fault_lr_factor : float
-        Learning-rate multiplier applied at each recovery, in (0, 1].
-    checkpoint_every : int
-        With ``checkpoint_dir``, write ``last.pt`` every this many epochs (and after the last one).
-        Every checkpoint is an epoch boundary from which ``resume`` reproduces an uninterrupted run.
-    """
-
-    epochs: int = 300
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 2e-5
-    weight_decay_ramp: float = 1 / 6
-    optimizer: Literal["adam", "adamw"] = "adam"
-    kl_start: float = 0.0
-    kl_final: float = 1.0
-    kl_ramp: float = 1 / 6
-    cd_keep: float = 1.0
-    shift_std: float = 0.0
-    shift_max: int = 0
-    grad_clip: float = 200.0
-    val_every: int = 5
-    select_on: str = "val_loss"
-    select_mode: Literal["min", "max"] = "min"
-    patience: int = 0
-    lr_plateau_factor: float = 0.5
-    lr_plateau_patience: int = 6
-    lr_min: float = 1e-5
-    elbo: Literal["meanfield", "trace"] = "meanfield"
-    num_particles: int = 1
-    validate_args: bool = False
-    val_samples: int = 1
-    seed: int = 0
-    max_retries: int = 3
-    fault_lr_factor: float = 0.5
-    checkpoint_every: int = 1
-
-    def __post_init__(self) -> None:
-        checks = {
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0,
-            "weight_decay": self.weight_decay >= 0,
-            "weight_decay_ramp": self.weight_decay_ramp >= 0,
-            "kl_ramp": self.kl_ramp >= 0,
-            "optimizer": self.optimizer in ("adam", "adamw"),
-            "cd_keep": 0 < self.cd_keep <= 1,
-            "shift_std": self.shift_std >= 0,
-            "shift_max": self.shift_max >= 0,
-            "grad_clip": self.grad_clip > 0,
-            "val_every": self.val_every >= 1,
-            "select_mode": self.select_mode in ("min", "max"),
-            "elbo": self.elbo in ("meanfield", "trace"),
-            "num_particles": self.num_particles >= 1,
-            "kl_final": self.kl_final >= 0 and self.kl_start >= 0,
-            "max_retries": self.max_retries >= 0,
-            "fault_lr_factor": 0 < self.fault_lr_factor <= 1,
-            "checkpoint_every": self.checkpoint_every >= 1,
-            "val_samples": self.val_samples >= 1,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"FitConfig: invalid value for {', '.join(bad)}: " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
-
-    def ramp(self, epoch: int, start: float, final: float, epochs: int) -> float:
-        """Linear ramp value at ``epoch`` (0-based) of a ramp ``epochs`` long."""
-        if epochs <= 0:
-            return final
-        frac = min(1.0, (epoch + 1) / epochs)
-        return start + frac * (final - start)
-
-    @property
-    def max_shift(self) -> int:
-        """The temporal-shift bound in bins: ``shift_max``, or twice ``shift_std`` (at least 1) when 0."""
-        return self.shift_max if self.shift_max > 0 else max(1, round(2 * self.shift_std))
-
-    def kl_weight(self, epoch: int) -> float:
-        return self.ramp(epoch, self.kl_start, self.kl_final, ramp_epochs(self.kl_ramp, self.epochs))
-
-    def weight_decay_at(self, epoch: int) -> float:
-        return self.ramp(epoch, 0.0, self.weight_decay, ramp_epochs(self.weight_decay_ramp, self.epochs))
-
-
-def ramp_epochs(fraction: float, epochs: int) -> int:
-    """Length in epochs of a ramp over ``fraction`` of ``epochs``: rounded down, at least 1."""
-    return max(1, math.floor(fraction * epochs + 1e-9))  # + 1e-9: a sixth of 300 epochs is 50, not 49
 
 
 @dataclass

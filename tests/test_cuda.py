@@ -132,12 +132,13 @@ def test_nlb_export_on_the_device(tmp_path):
     from nwb_factory import make_dandi_dataset
 
     from pyro_langevin.nlb.pipeline import run_nlb
+    from pyro_langevin.nlb.request import NLBRequest
 
     root = tmp_path / "dandi"
     make_dandi_dataset(root, "mc_maze", n_train=24, n_val=8, n_test=4, n_heldin=10, n_heldout=4)
     out = tmp_path / "run"
-    metrics = run_nlb("mc_maze", root, bin_ms=20, phase="val", out=out, epochs=1, device=str(DEVICE), quick=True,
-                      progress=False, log=lambda line: None)
+    metrics = run_nlb(NLBRequest("mc_maze", root, bin_ms=20, phase="val", out=out, epochs=1, device=str(DEVICE),
+                                 quick=True, progress=False), log=lambda line: None)
     assert metrics["epochs_run"] == 1
     assert np.isfinite(metrics["eval"]["model"]["co-bps"]) and np.isfinite(metrics["local"]["model"]["co-bps"])
     assert (out / "submission.h5").is_file()

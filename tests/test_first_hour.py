@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pyro_langevin.cli import main as cli_main
-from pyro_langevin.cli import nlb_main
+from pyro_langevin.nlb.cli import nlb_main
 from pyro_langevin.nlb.config import default_config
 from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.data.h5 import read_h5
@@ -287,9 +287,9 @@ def test_progress_off_a_terminal_is_plain_and_throttled():
 
 
 def test_writing_a_submission_twice_logs_nothing(tmp_path, caplog):
-    from pyro_langevin.nlb.scoring import RATE_KEYS, write_submission
+    from pyro_langevin.nlb.scoring import Rates, write_submission
 
-    rates = {k: np.ones((2, 2 if "forward" in k else 4, 3), np.float32) for k in RATE_KEYS}
+    rates = Rates(np.ones((2, 6, 3), np.float32), np.ones((2, 6, 3), np.float32), n_heldin=2, n_observed_bins=4)
     with caplog.at_level(logging.INFO):
         for _ in range(2):
             write_submission(tmp_path / "s.h5", "mc_maze", 20, rates)

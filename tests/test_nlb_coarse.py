@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from pyro_langevin.batch import Batch
-from pyro_langevin.cli import nlb_main
+from pyro_langevin.nlb.cli import nlb_main
 from pyro_langevin.data.errors import NLBDataError
-from pyro_langevin.nlb import pipeline as nlb_pipeline
+from pyro_langevin.nlb import members as nlb_members, pipeline as nlb_pipeline
 from pyro_langevin.nlb.coarse import coarsen_batch, coarsen_data, resolve_fit_bin, upsample_rates
 from pyro_langevin.nlb.data import load_nlb
+from pyro_langevin.nlb.request import NLBRequest
 from pyro_langevin.spec import load_run
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -87,8 +88,8 @@ def test_resolve_fit_bin_refuses(bin_ms, fit):
 
 @pytest.mark.parametrize("fit_bin_ms,dt", [(None, 0.2), (5, 0.05)])
 def test_5ms_run_fits_at_the_fit_bins_and_writes_5ms_rates(tmp_path, fit_bin_ms, dt):
-    m = nlb_pipeline.run_nlb("mc_maze_small", DATA, 5, "val", tmp_path / "run", quick=True, progress=False,
-                             fit_bin_ms=fit_bin_ms, log=lambda s: None)
+    m = nlb_pipeline.run_nlb(NLBRequest("mc_maze_small", DATA, 5, "val", tmp_path / "run", quick=True, progress=False,
+                                        fit_bin_ms=fit_bin_ms), log=lambda s: None)
     fit_bin = fit_bin_ms or 20
     assert m["bin_ms"] == 5 and m["fit_bin_ms"] == fit_bin
     model, guide, spec, _ = load_run(m["checkpoint"])
@@ -96,7 +97,7 @@ def test_5ms_run_fits_at_the_fit_bins_and_writes_5ms_rates(tmp_path, fit_bin_ms,
     # the written 5 ms rates are the fitted model's own rates at its bins, interpolated and divided
     # by the number of 5 ms bins in a fitting bin: values, not only shapes
     d5 = load_nlb("mc_maze_small", DATA, bin_ms=5, phase="val")
-    own = nlb_pipeline.export_rates(model, guide, coarsen_data(d5, fit_bin), spec.eval.export_draws, seed=0)
+    own = nlb_members.export_rates(model, guide, coarsen_data(d5, fit_bin), spec.eval.export_draws, seed=0)
     expected = upsample_rates(own.eval, fit_bin // 5)
     import h5py
     with h5py.File(m["submission"]) as f:

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_langevin.nlb import cv as nlb_cv, pipeline as nlb_pipeline
+from pyro_langevin.nlb import cv as nlb_cv, members as nlb_members, pipeline as nlb_pipeline
 from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.nlb.data import load_nlb
+from pyro_langevin.nlb.request import NLBRequest
 from pyro_langevin.nlb.rebin import rebin_counts, rebin_folder
 from pyro_langevin.data.splits import kfold_indices
 
@@ -43,16 +44,16 @@ def data():
 def test_scored_fold_never_reaches_training_targets_or_selection(data, tmp_path, monkeypatch):
     """Capture what each fold's fit sees: the scored trials only as held-in spikes, never in selection."""
     seen = []
-    real_fit = nlb_pipeline.fit
+    real_fit = nlb_members.fit
 
     def spy(model, guide, train, valid, config, **kw):
         seen.append((train, valid))
         return real_fit(model, guide, train, valid, config, **kw)
 
-    monkeypatch.setattr(nlb_pipeline, "fit", spy)
+    monkeypatch.setattr(nlb_members, "fit", spy)
     k = 2
-    res = nlb_cv.cross_validate("mc_maze_small", DATA, 5, "val", tmp_path / "cv", k=k, quick=True, progress=False,
-                                data=data, log=lambda s: None)
+    res = nlb_cv.cross_validate(NLBRequest("mc_maze_small", DATA, 5, "val", tmp_path / "cv", quick=True, progress=False),
+                                k=k, data=data, log=lambda s: None)
     assert len(seen) == k and len(res["folds"]) == k
     scored_sets = [set(f["scored_trials"]) for f in res["folds"]]
     train_ids = data.train.index.tolist()
@@ -113,8 +114,9 @@ def test_fold_ensemble_run_averages_members_and_workers_change_nothing(tmp_path)
     runs = {}
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        runs[workers] = nlb_pipeline.run_nlb("mc_maze_small", DATA, 5, "val", out, quick=True, progress=False,
-                                             overrides={"eval.n_models": 2}, workers=workers, log=lambda s: None)
+        request = NLBRequest("mc_maze_small", DATA, 5, "val", out, quick=True, progress=False,
+                             overrides={"eval.n_models": 2}, workers=workers)
+        runs[workers] = nlb_pipeline.run_nlb(request, log=lambda s: None)
     gc.collect()
     assert list(pyro.get_param_store().keys()) == ["users_own_site"]
     assert pyro.param("users_own_site") is mine
@@ -131,7 +133,7 @@ def test_fold_ensemble_run_averages_members_and_workers_change_nothing(tmp_path)
 
 
 def test_cli_cv_writes_cv_json_and_refuses_one_fold(tmp_path, capsys):
-    from pyro_langevin.cli import nlb_main
+    from pyro_langevin.nlb.cli import nlb_main
     out = tmp_path / "cv"
     code = nlb_main(["--dataset", "mc_maze_small", "--data-dir", str(DATA), "--quick", "--cv", "2",
                      "--out", str(out), "--no-progress"])

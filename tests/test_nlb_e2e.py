@@ -11,8 +11,7 @@ from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.data.h5 import read_h5
 from pyro_langevin.nlb.data import load_nlb, split_train_valid
 from pyro_langevin.nlb.scoring import (
-    RateUnitsError, evaluate_submission, rates_to_full, score_eval, score_local, score_nlb,
-    split_rates, write_submission,
+    Rates, RateUnitsError, evaluate_submission, score_eval, score_local, score_nlb, write_submission,
 )
 from pyro_langevin.nlb.baseline import smoothing_baseline
 
@@ -71,8 +70,8 @@ def test_maze_scores_and_submission(maze, maze_rates, tmp_path):
     ours = score_nlb(maze, rates)
     assert set(ours) == {"co-bps", "vel R2", "psth R2", "fp-bps"}
     assert ours["co-bps"] > 0.05 and ours["vel R2"] > 0.2
-    write_submission(tmp_path / "sub.h5", "mc_maze", 20, {k: v[:, ::4] for k, v in rates.items()})
-    sub = write_submission(tmp_path / "sub.h5", "mc_maze", 5, {k: v * 0 + 1 for k, v in rates.items()})
+    write_submission(tmp_path / "sub.h5", "mc_maze", 20, Rates(rates.train[:, ::4], rates.eval[:, ::4], 14, 35))
+    sub = write_submission(tmp_path / "sub.h5", "mc_maze", 5, Rates(rates.train * 0 + 1, rates.eval * 0 + 1, 14, 140))
     sub = write_submission(tmp_path / "sub.h5", "mc_maze", 5, rates)  # rewrites the group, keeps _20
     with h5py.File(sub, "r") as f:
         assert set(f) == {"mc_maze", "mc_maze_20"}
@@ -88,11 +87,10 @@ def test_maze_scores_and_submission(maze, maze_rates, tmp_path):
 def test_psth_r2_is_one_for_the_psth(maze):
     # rates equal to each condition's true PSTH give psth R2 = 1: checks trial/condition alignment
     tgt = maze.eval_target
-    rates = np.zeros((maze.n_eval, 140, maze.n_neurons))
+    rates = np.full((maze.n_eval, 180, maze.n_neurons), 0.1)
     for c, idx in enumerate(tgt["eval_cond_idx"]):
-        rates[np.asarray(idx, int)] = tgt["psth"][c]
-    out = score_eval(tgt, {"eval_rates_heldin": rates[..., :14], "eval_rates_heldout": rates[..., 14:]},
-                     "mc_maze", 5)
+        rates[np.asarray(idx, int), :140] = tgt["psth"][c]
+    out = score_eval(tgt, Rates(np.full((maze.n_train, 180, maze.n_neurons), 0.1), rates, 14, 140), "mc_maze", 5)
     assert out["psth R2"] == pytest.approx(1.0)
 
 
@@ -105,10 +103,9 @@ def test_partial_target_still_gets_cobps(maze, maze_rates):
 
 def test_local_validation_scores(maze):
     fit, valid = split_train_valid(maze.train, 0.25, seed=0)
-    r = smoothing_baseline(fit, valid, 5, "mc_maze")
-    r_fit = rates_to_full({"eval_rates_heldin": r["train_rates_heldin"],
-                           "eval_rates_heldout": r["train_rates_heldout"]}, "eval")
-    out = score_local(rates_to_full(r, "eval"), valid, r_fit, fit)
+    r = smoothing_baseline(fit, valid, 5, "mc_maze")  # rates of fit (train) and valid (eval), one layout
+    assert r.train.shape == tuple(fit.target.shape) and r.eval.shape == tuple(valid.target.shape)
+    out = score_local(r.eval, valid, r.train, fit)
     assert set(out) == {"co-bps", "fp-bps", "vel R2"} and out["co-bps"] > 0.05
     # mean-rate prediction scores ~0 co-bps by construction
     mean = np.broadcast_to(valid.target.numpy().mean(axis=(0, 1), keepdims=True), valid.target.shape)
@@ -117,16 +114,18 @@ def test_local_validation_scores(maze):
 
 def test_hz_rates_are_rejected(maze, maze_rates, tmp_path):
     rates = maze_rates
-    hz = {k: v * 1000 / 5 for k, v in rates.items()}
+    hz = Rates(rates.train * 1000 / 5, rates.eval * 1000 / 5, 14, 140)
     with pytest.raises(RateUnitsError, match="not Hz"):
         write_submission(tmp_path / "s.h5", "mc_maze", 5, hz)
     with pytest.raises(RateUnitsError, match="not Hz"):
         score_nlb(maze, hz)
-    full = rates_to_full(rates, "eval")
-    assert full.shape == (12, 180, 19)
-    back = split_rates(full, 14, 140, "eval")
-    for k, v in back.items():
-        np.testing.assert_array_equal(v, rates[k])
+    # nlb_tools' keys are slices of the one layout: held-out neurons and forward bins trailing
+    assert rates.eval.shape == (12, 180, 19) and rates.train.shape == (32, 180, 19)
+    keys = rates.submission()
+    np.testing.assert_array_equal(keys["eval_rates_heldout"], rates.eval[:, :140, 14:])
+    np.testing.assert_array_equal(keys["eval_rates_heldin_forward"], rates.eval[:, 140:, :14])
+    np.testing.assert_array_equal(keys["train_rates_heldin"], rates.train[:, :140, :14])
+    assert "train_rates_heldin_forward" not in keys  # nlb_tools submits no training forward rates
 
 
 def test_dmfc_val_20ms(dmfc, tmp_path):

@@ -13,16 +13,16 @@ import pytest
 import torch
 
 from nwb_factory import make_dandi_dataset, write_nlb_nwb
-from pyro_langevin.nlb import pipeline as nlb_pipeline
+from pyro_langevin.nlb import members as nlb_members, pipeline as nlb_pipeline
 from pyro_langevin.cli import main as cli_main
-from pyro_langevin.cli import nlb_main
+from pyro_langevin.nlb.cli import nlb_main
 from pyro_langevin.nlb.config import REFERENCE, default_config, gamma_from_reference
-from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.nlb.data import load_nlb
+from pyro_langevin.nlb.request import NLBRequest
 from pyro_langevin.guides import GRUGuide
 from pyro_langevin.models import LangevinFlow
-from pyro_langevin.nlb.scoring import evaluate_submission, rates_to_full
-from pyro_langevin.spec import load_run
+from pyro_langevin.nlb.scoring import evaluate_submission
+from pyro_langevin.spec import SpecError, load_run
 from pyro_langevin.training import ramp_epochs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ def real_small():
 @pytest.mark.parametrize("which", ["synthetic", "real"])
 def test_training_batch_holds_no_validation_or_eval_targets(request, which, n_models, tmp_path):
     maze = request.getfixturevalue("maze" if which == "synthetic" else "real_small")
-    specs = nlb_pipeline.fold_members(maze.train, [maze.eval], n_models, 0.2, seed=0, out=tmp_path)
+    specs = nlb_members.fold_members(maze.train, [maze.eval], n_models, 0.2, seed=0, out=tmp_path)
     assert len(specs) == n_models
     for prep in specs:
         _check_member_batch(maze, prep)
@@ -194,13 +194,13 @@ def _check_member_batch(maze, prep):
 def test_export_uses_best_checkpoint_and_counts_per_bin(root, maze, tmp_path, monkeypatch):
     """Best != last by construction; the submission holds the best state's rates, in counts per bin."""
     seen = {}
-    real_fit = nlb_pipeline.fit
+    real_fit = nlb_members.fit
 
     def spy_fit(model, guide, train, valid, config, **kw):
         seen["train"], seen["valid"], seen["config"] = train, valid, config
         return real_fit(model, guide, train, valid, config, **kw)
 
-    monkeypatch.setattr(nlb_pipeline, "fit", spy_fit)
+    monkeypatch.setattr(nlb_members, "fit", spy_fit)
     calls = []
 
     def decreasing(model, guide, valid):  # the first validation is the best one
@@ -209,8 +209,8 @@ def test_export_uses_best_checkpoint_and_counts_per_bin(root, maze, tmp_path, mo
 
     out = tmp_path / "best"
     cfg = default_config("mc_maze", 20, quick=True, epochs=4, overrides={"fit.lr": 0.05})
-    m = nlb_pipeline.run_nlb("mc_maze", root, 20, "val", out, config=cfg, metric_fn=decreasing,
-                             progress=False, log=lambda s: None)
+    m = nlb_pipeline.run_nlb(NLBRequest("mc_maze", root, 20, "val", out, config=cfg, progress=False),
+                             metric_fn=decreasing, log=lambda s: None)
     assert m["best_epoch"] == 0 and m["epochs_run"] == 4
     assert seen["config"].select_on == "co_bps" and seen["config"].select_mode == "max"
     # what fit saw: validation trials held-in only, validation batch = training trials only
@@ -221,8 +221,8 @@ def test_export_uses_best_checkpoint_and_counts_per_bin(root, maze, tmp_path, mo
     def rates_from(which):
         model, guide, spec, ckpt = load_run(out, which)
         assert spec == cfg
-        rates = nlb_pipeline.export_rates(model, guide, maze, cfg.eval.export_draws, seed=0)
-        return rates.submission(maze.n_heldin, maze.n_observed_bins), ckpt
+        rates = nlb_members.export_rates(model, guide, maze, cfg.eval.export_draws, seed=0)
+        return rates.submission(), ckpt
 
     best, best_ckpt = rates_from("best")
     last, last_ckpt = rates_from("last")
@@ -233,18 +233,18 @@ def test_export_uses_best_checkpoint_and_counts_per_bin(root, maze, tmp_path, mo
     assert not np.allclose(sub["eval_rates_heldout"], last["eval_rates_heldout"], rtol=1e-3)
     # counts per bin: the mean rate matches the mean spike count per 20 ms bin (Hz would be 50x)
     counts = maze.train.target[maze.train.mask].mean().item()
-    rate = float(np.mean(rates_to_full(sub, "train")))
+    rate = float(np.mean(np.concatenate([sub["train_rates_heldin"], sub["train_rates_heldout"]], -1)))
     assert 0.3 < rate / counts < 3, (rate, counts)
 
 
 def test_resume_loads_best_checkpoint(root, tmp_path):
     out = tmp_path / "resume"
     cfg = default_config("mc_maze", 20, quick=True, epochs=2)
-    first = nlb_pipeline.run_nlb("mc_maze", root, 20, "val", out, config=cfg, progress=False, log=lambda s: None)
+    request = NLBRequest("mc_maze", root, 20, "val", out, config=cfg, progress=False)
+    first = nlb_pipeline.run_nlb(request, log=lambda s: None)
     sub1 = read_rates(out / "submission.h5", "mc_maze_20")
     lines = []
-    again = nlb_pipeline.run_nlb("mc_maze", root, 20, "val", out, config=cfg, resume=True, progress=False,
-                                 log=lines.append)
+    again = nlb_pipeline.run_nlb(request.replace(resume=True), log=lines.append)
     assert again["best_epoch"] == first["best_epoch"] and again["epochs_run"] == 2
     assert any("best.pt" in s for s in lines)
     sub2 = read_rates(out / "submission.h5", "mc_maze_20")
@@ -265,7 +265,7 @@ def test_default_configs_follow_the_reference():
             # the ramps take the first quarter of the epochs, as 500 of 2000 in the reference
             assert ramp_epochs(member.kl_ramp, member.epochs) == member.epochs // 4
     assert gamma_from_reference(0.55) == pytest.approx(3.99, abs=0.01)
-    with pytest.raises(NLBDataError, match="unknown NLBConfig key 'lr'; did you mean 'fit.lr'"):
+    with pytest.raises(SpecError, match="unknown NLBConfig key 'lr'; did you mean 'fit.lr'"):
         default_config("mc_maze", 5, overrides={"lr": 1})
 
 

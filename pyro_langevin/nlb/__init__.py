@@ -1,4 +1,5 @@
-"""The Neural Latents Benchmark: data, configuration, training runs, scoring and the baseline.
+"""The Neural Latents Benchmark wing: data, configuration, runs, scoring, the baseline, the search and
+their commands. It imports the core (model, guides, training, posterior); the core never imports it.
 
 One file per job:
 
@@ -6,11 +7,15 @@ One file per job:
 * :mod:`~pyro_langevin.nlb.compat`: shims that keep ``nlb_tools`` working on current pandas;
 * :mod:`~pyro_langevin.nlb.rebin`: coarser bins from a tensor folder (5 ms -> 20 ms);
 * :mod:`~pyro_langevin.nlb.coarse`: fitting 5 ms data at 20 ms, and the rates back to 5 ms;
-* :mod:`~pyro_langevin.nlb.config`: per-dataset defaults of a run;
+* :mod:`~pyro_langevin.nlb.config`: per-dataset defaults of a run (:class:`~pyro_langevin.nlb.config.NLBConfig`);
+* :mod:`~pyro_langevin.nlb.request`: one run as asked for (:class:`~pyro_langevin.nlb.request.NLBRequest`);
+* :mod:`~pyro_langevin.nlb.members`: the members' recipe, shared by runs, cross-validation and the search;
 * :mod:`~pyro_langevin.nlb.scoring`: co-bps, fp-bps, vel R^2 through ``nlb_tools``, submission files;
 * :mod:`~pyro_langevin.nlb.baseline`: the spike-smoothing baseline;
-* :mod:`~pyro_langevin.nlb.pipeline`: train, select, export and score a run (:func:`run_nlb`);
-* :mod:`~pyro_langevin.nlb.cv`: K-fold cross-validation over the training trials.
+* :mod:`~pyro_langevin.nlb.pipeline`: train, select, export and score a run (:func:`~pyro_langevin.nlb.pipeline.run_nlb`);
+* :mod:`~pyro_langevin.nlb.cv`: K-fold cross-validation over the training trials;
+* :mod:`~pyro_langevin.nlb.tune`: the hyperparameter search on Ray Tune;
+* :mod:`~pyro_langevin.nlb.cli`: the ``nlb`` and ``tune`` commands.
 
 Import from the submodules; this package imports nothing itself, so that loading the data does
 not pull in the model.

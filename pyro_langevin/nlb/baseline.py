@@ -1,19 +1,19 @@
 """The NLB spike-smoothing baseline: Gaussian-smoothed held-in counts, a Poisson GLM per held-out neuron.
 
-Rates come out as expected counts per bin under :data:`~pyro_langevin.nlb.scoring.RATE_KEYS`, so
-they are written and scored exactly like the model's (:mod:`pyro_langevin.nlb.scoring`).
+Rates come out as the model's do (:class:`~pyro_langevin.nlb.scoring.Rates`, expected counts per
+bin in the batch layout), so they are written and scored exactly like the model's.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from pyro_langevin.batch import Batch
 from pyro_langevin.data.errors import NLBDataError
-from pyro_langevin.nlb.scoring import masked_counts
+from pyro_langevin.nlb.scoring import Rates, masked_counts
 from pyro_langevin.smoothing import smooth_spikes
 
 __all__ = ["BASELINE_PARAMS", "GLM_ALPHAS", "fit_poisson_glm", "choose_glm_alpha", "smoothing_baseline"]
@@ -94,13 +94,14 @@ def smoothing_baseline(
     dataset: Optional[str] = None,
     kern_sd_ms: Optional[float] = None,
     alpha: Union[float, str, None] = None,
-) -> Dict[str, np.ndarray]:
-    """NLB spike-smoothing baseline, as rates (counts per bin) under :data:`RATE_KEYS`.
+) -> Rates:
+    """NLB spike-smoothing baseline: :class:`~pyro_langevin.nlb.scoring.Rates` (counts per bin) of
+    ``train`` (its ``train``) and ``eval`` (its ``eval``), the model's layout.
 
     Held-in rates are Gaussian-smoothed held-in counts; held-out rates come from a Poisson GLM
     per held-out neuron (:func:`fit_poisson_glm`, sklearn ``PoissonRegressor``'s objective), fitted
-    on the training trials from their log smoothed held-in counts; forward rates are each neuron's mean count per bin in the
-    training trials' forward window.
+    on the training trials from their log smoothed held-in counts; forward rates (of both splits) are
+    each neuron's mean count per bin in the training trials' forward window.
 
     Parameters
     ----------
@@ -136,13 +137,11 @@ def smoothing_baseline(
     fwd = tgt[:, t:, :]
     mean_fwd = np.nanmean(fwd, axis=(0, 1)) if fwd.size and not np.isnan(fwd).all() \
         else np.nanmean(tgt[:, :t, :], axis=(0, 1))
-    n_ev, f = eval.n_trials, eval.n_forward_bins
     floor = 1e-6
-    return {
-        "train_rates_heldin": np.maximum(sm_tr, floor),
-        "train_rates_heldout": np.maximum(pred_tr.reshape(train.n_trials, t, -1), floor),
-        "eval_rates_heldin": np.maximum(sm_ev, floor),
-        "eval_rates_heldout": np.maximum(pred_ev.reshape(n_ev, t, -1), floor),
-        "eval_rates_heldin_forward": np.tile(np.maximum(mean_fwd[:n_in], floor), (n_ev, f, 1)),
-        "eval_rates_heldout_forward": np.tile(np.maximum(mean_fwd[n_in:], floor), (n_ev, f, 1)),
-    }
+
+    def full(smoothed: np.ndarray, predicted: np.ndarray, n: int) -> np.ndarray:
+        observed = np.concatenate([smoothed, predicted.reshape(n, t, -1)], axis=-1)
+        forward = np.tile(mean_fwd, (n, train.n_forward_bins, 1))
+        return np.maximum(np.concatenate([observed, forward], axis=1), floor)
+
+    return Rates(full(sm_tr, pred_tr, train.n_trials), full(sm_ev, pred_ev, eval.n_trials), n_in, t)

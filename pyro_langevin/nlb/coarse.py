@@ -98,4 +98,7 @@ def upsample_rates(rates: np.ndarray, factor: int) -> np.ndarray:
 
 def upsample(rates: Rates, factor: int) -> Rates:
     """:func:`upsample_rates` of both splits of a run's :class:`~pyro_langevin.nlb.scoring.Rates`."""
-    return rates if factor == 1 else Rates(upsample_rates(rates.train, factor), upsample_rates(rates.eval, factor))
+    if factor == 1:
+        return rates
+    return Rates(upsample_rates(rates.train, factor), upsample_rates(rates.eval, factor), rates.n_heldin,
+                 rates.n_observed_bins * factor)

@@ -12,7 +12,7 @@ Every accuracy number the project reports on real data comes from here. For fold
   on the same trials.
 
 With ``eval.n_models = M > 1`` each fold trains the run's ensemble recipe on its other training trials
-(M members, member i validated on fold i of them; :func:`~pyro_langevin.nlb.pipeline.fold_members`),
+(M members, member i validated on fold i of them; :func:`~pyro_langevin.nlb.members.fold_members`),
 so the score is that of the recipe ``run_nlb`` uses; each member is also scored alone.
 
 The summary gives mean and standard error over folds for the model, the baseline and their paired
@@ -28,25 +28,20 @@ import dataclasses
 import json
 import math
 import time
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from pyro_langevin.nlb.coarse import coarsen_data, resolve_fit_bin, upsample
-from pyro_langevin.nlb.config import NLBConfig
-from pyro_langevin.data.errors import NLBDataError
-from pyro_langevin.nlb.data import NLBData, check_args, load_nlb
 from pyro_langevin.data.splits import kfold_indices
+from pyro_langevin.nlb.data import NLBData
+from pyro_langevin.nlb.members import MemberResult, MemberSpec, fold_members, member_recipe, train_members
+from pyro_langevin.nlb.pipeline import score_smoothing_split, score_split
+from pyro_langevin.nlb.request import NLBRequest
 from pyro_langevin.nlb.scoring import Rates, score_nlb, write_submission
-from pyro_langevin.nlb.pipeline import (
-    MemberResult, MemberSpec, fold_members, run_setup, score_smoothing_split, score_split, train_members,
-)
+from pyro_langevin.spec import SpecError
 
 __all__ = ["cross_validate", "summarize_folds", "format_cv_table"]
-
-PathLike = Union[str, Path]
 METRICS = ("co-bps", "fp-bps", "vel R2")
 
 
@@ -115,69 +110,48 @@ def _fold_record(f: int, scored_idx: np.ndarray, specs: Sequence[MemberSpec], mo
     }
 
 
-def cross_validate(
-    dataset: str,
-    data_dir: PathLike,
-    bin_ms: int = 5,
-    phase: str = "val",
-    out: PathLike = "runs/nlb-cv",
-    *,
-    k: int = 5,
-    folds: Optional[Sequence[int]] = None,
-    seed: int = 0,
-    config: Optional[NLBConfig] = None,
-    overrides: Optional[Dict[str, Any]] = None,
-    epochs: Optional[int] = None,
-    quick: bool = False,
-    device: Optional[Union[str, torch.device]] = None,
-    threads: Optional[int] = None,
-    workers: int = 1,
-    progress: bool = True,
-    data: Optional[NLBData] = None,
-    fit_bin_ms: Optional[int] = None,
-    log: Callable[[str], None] = print,
-) -> Dict[str, Any]:
-    """K-fold cross-validation of the NLB configuration on the training trials (see the module docstring).
+def cross_validate(request: NLBRequest, k: int = 5, *, folds: Optional[Sequence[int]] = None,
+                   data: Optional[NLBData] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """K-fold cross-validation of the request's recipe on the training trials (see the module docstring).
 
     Parameters
     ----------
-    dataset, data_dir, bin_ms, phase
-        As :func:`~pyro_langevin.nlb.data.load_nlb` (``data`` replaces loading when given).
-    out : path-like
-        Output folder: ``cv.json``, ``submission.h5`` (the fold ensemble), ``fold{f}/checkpoints``.
+    request : NLBRequest
+        The run: data, output folder (``cv.json``, ``submission.h5``: the fold ensemble,
+        ``fold{f}/checkpoints`` or ``fold{f}/member{i}/checkpoints``), configuration, fitting bins,
+        seed (folds, inner splits, fits, draws), device and workers (every fold's members are trained
+        together, that many at once). Scores are always at ``request.bin_ms``. A cross-validation
+        is not resumed: ``request.resume`` is refused.
     k : int
-        Number of folds.
+        Number of folds (>= 2).
     folds : sequence of int, optional
         Run only these folds (e.g. to spread folds over machines); the summary covers those run.
-    seed : int
-        Seeds the fold assignment, the inner splits, the fits and the posterior draws.
-    config, overrides, epochs, quick
-        As :func:`~pyro_langevin.nlb.pipeline.run_nlb`.
-    device, threads, workers, progress, fit_bin_ms, log
-        As :func:`~pyro_langevin.nlb.pipeline.run_nlb`; ``workers`` trains that many models at once
-        (every fold's members are scheduled together). Scores are always at ``bin_ms``.
+    data : NLBData, optional
+        The request's data, already loaded (replaces loading).
+    log : callable
+        Receives progress lines.
 
     Returns
     -------
     dict
         What ``cv.json`` holds: ``folds`` (per-fold scores of the model and the baseline),
-        ``summary`` (:func:`summarize_folds`), ``ensemble`` (scores of the averaged rates on the
+        ``summary`` (:func:`summarize_folds`), ``ensemble_eval`` (scores of the averaged rates on the
         evaluation trials when their target is known) and the configuration.
     """
     t_start = time.perf_counter()
-    check_args(dataset, bin_ms, phase)
-    fit_bin = resolve_fit_bin(bin_ms, fit_bin_ms)
-    cfg, dev = run_setup(dataset, fit_bin, quick, config, overrides, epochs, device, threads)
-    out = Path(out)
-    data = data if data is not None else load_nlb(dataset, data_dir, bin_ms=bin_ms, phase=phase)
-    fit_data = coarsen_data(data, fit_bin)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise SpecError(f"cross-validation needs k >= 2 folds, got {k!r}")
+    if request.resume:
+        raise SpecError("a cross-validation cannot be resumed; start afresh")
+    recipe = member_recipe(request, data)
+    data, fit_data, cfg, seed, out = recipe.data, recipe.fit_data, recipe.cfg, request.seed, request.out
     parts = kfold_indices(data.n_train, k, seed)
     run = list(range(k)) if folds is None else sorted(set(int(f) for f in folds))
     if any(not 0 <= f < k for f in run):
-        raise NLBDataError(f"folds must lie in 0..{k - 1}, got {list(folds or [])}")
-    log(f"{dataset} {bin_ms} ms {phase}: {k}-fold cross-validation over {data.n_train} training trials "
+        raise SpecError(f"folds must lie in 0..{k - 1}, got {list(folds or [])}")
+    log(f"{data.dataset} {data.bin_ms} ms {data.phase}: {k}-fold cross-validation over {data.n_train} training trials "
         f"(folds of {min(map(len, parts))}-{max(map(len, parts))}); running folds {run}"
-        + (f"; fitting at {fit_bin} ms, rates interpolated to {bin_ms} ms" if fit_bin != bin_ms else ""))
+        + (f"; fitting at {request.fit_bin} ms, rates interpolated to {data.bin_ms} ms" if fit_data is not data else ""))
 
     # every member of every fold, trained in one go (in parallel with workers > 1)
     specs: List[MemberSpec] = []
@@ -194,10 +168,9 @@ def cross_validate(
             spec.index = len(specs)
             specs.append(spec)
         splits[f] = (scored, rest, fold_specs)
-    meta = {"dataset": dataset, "bin_ms": bin_ms, "phase": phase, "seed": seed, "cv_k": k, "fit_bin_ms": fit_bin}
-    trained = train_members(specs, cfg, fit_data, dev, workers=workers, log=log, export_seed=seed, progress=progress,
-                            meta=meta)
-    trained = [dataclasses.replace(m, rates=upsample(m.rates, fit_bin // bin_ms)) for m in trained]
+    trained = train_members(specs, cfg, fit_data, recipe.device, workers=request.workers, log=log, export_seed=seed,
+                            progress=request.progress, meta=dict(request.meta(), cv_k=k))
+    trained = [dataclasses.replace(m, rates=recipe.to_scored_bins(m.rates)) for m in trained]
 
     records: List[Dict[str, Any]] = []
     fold_ensembles: List[Rates] = []
@@ -214,8 +187,8 @@ def cross_validate(
             f"fp-bps {record['model'].get('fp-bps', math.nan):.4f}, vel R2 {record['model'].get('vel R2', math.nan):.4f}"
             + ("; single members' co-bps " + ", ".join(f"{x['co-bps']:.4f}" for x in singles) if len(members) > 1 else ""))
 
-    ensemble_rates = Rates.mean(fold_ensembles).submission(data.n_heldin, data.n_observed_bins)
-    sub = write_submission(out / "submission.h5", dataset, bin_ms, ensemble_rates)
+    ensemble_rates = Rates.mean(fold_ensembles)
+    sub = write_submission(out / "submission.h5", data.dataset, data.bin_ms, ensemble_rates)
     ensemble: Optional[Dict[str, Any]] = None
     if data.has_eval_target:
         try:
@@ -223,11 +196,11 @@ def cross_validate(
         except ValueError as exc:
             ensemble = {"error": f"{type(exc).__name__}: {exc}"}
     result_json = {
-        "dataset": dataset, "bin_ms": bin_ms, "fit_bin_ms": fit_bin, "phase": phase, "k": k, "seed": seed,
-        "folds": records,
+        "dataset": data.dataset, "bin_ms": data.bin_ms, "fit_bin_ms": request.fit_bin, "phase": data.phase, "k": k,
+        "seed": seed, "folds": records,
         "summary": summarize_folds(records), "ensemble_eval": ensemble, "n_models": cfg.eval.n_models,
         "n_models_averaged": len(run) * cfg.eval.n_models,
-        "submission": str(sub), "spec": cfg.to_dict(), "device": str(dev),
+        "submission": str(sub), "spec": cfg.to_dict(), "device": str(recipe.device),
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
     out.mkdir(parents=True, exist_ok=True)

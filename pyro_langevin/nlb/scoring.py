@@ -1,14 +1,16 @@
 """NLB scoring: co-bps, fp-bps, vel R^2, psth R^2 and tp corr through ``nlb_tools.evaluation``.
 
-Rates are expected spike counts per bin (not Hz) everywhere. Three entry points:
+Rates are expected spike counts per bin (not Hz) everywhere, and one layout carries them: a
+:class:`Rates` holds a run's training and evaluation rates in the batch layout (trial, T + F, N_in +
+N_out), held-out neurons and forward bins as trailing slices, for the model and the smoothing
+baseline (:mod:`pyro_langevin.nlb.baseline`) alike. nlb_tools' keys (:data:`RATE_KEYS`) appear only
+at the edge: inside the scorers that call nlb_tools and in the submission file. Entry points:
 
-* :func:`score_eval` scores rates for the evaluation trials against whatever eval target is known
+* :func:`score_eval` scores the evaluation trials' rates against whatever eval target is known
   (held-out spikes alone give co-bps; behaviour, PSTHs and forward spikes add their metrics);
 * :func:`score_local` scores rates for a validation split of TRAINING trials (model selection);
 * :func:`write_submission` writes the nlb_tools submission h5, :func:`evaluate_submission` runs
   nlb_tools' own ``evaluate`` on it.
-
-The spike-smoothing baseline, in the same rates format, is :mod:`pyro_langevin.nlb.baseline`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pyro_langevin.nlb.data import NLBData, check_args, group_name
 
 __all__ = [
     "RATE_KEYS", "RateUnitsError", "check_rates", "masked_counts",
-    "score_eval", "score_nlb", "score_local", "split_rates", "rates_to_full", "Rates",
+    "score_eval", "score_nlb", "score_local", "split_rates", "Rates",
     "write_submission", "evaluate_submission",
 ]
 
@@ -78,13 +80,50 @@ def check_rates(rates: ArrayLike, name: str, bin_ms: Optional[int] = None,
     return r
 
 
+@dataclass
+class Rates:
+    """A run's rates in the batch layout, counts per bin.
+
+    ``train`` and ``eval`` are (trial, T + F, N_in + N_out): held-out neurons and forward bins as
+    trailing slices, trials in the order of the data's training and evaluation batches. The first
+    ``n_heldin`` neurons are held in, the first ``n_observed_bins`` bins observed. Converted to
+    nlb_tools' keys only to be scored by nlb_tools or written (:meth:`submission`).
+    """
+
+    train: np.ndarray
+    eval: np.ndarray
+    n_heldin: int
+    n_observed_bins: int
+
+    def __post_init__(self) -> None:
+        self.train, self.eval = np.asarray(self.train), np.asarray(self.eval)
+        if self.train.ndim != 3 or self.eval.ndim != 3 or self.train.shape[1:] != self.eval.shape[1:]:
+            raise NLBDataError(f"Rates: train {self.train.shape} and eval {self.eval.shape} must be "
+                               "(trial, T + F, neuron) with the same bins and neurons")
+        if not (0 < self.n_heldin <= self.train.shape[2] and 0 < self.n_observed_bins <= self.train.shape[1]):
+            raise NLBDataError(f"Rates: n_heldin={self.n_heldin}, n_observed_bins={self.n_observed_bins} do not fit "
+                               f"shape {self.train.shape}")
+
+    def submission(self) -> Dict[str, np.ndarray]:
+        """nlb_tools' rate keys (:data:`RATE_KEYS`): held-in/held-out of both splits, forward of ``eval``."""
+        out = split_rates(self.train, self.n_heldin, self.n_observed_bins, "train")
+        out.update(split_rates(self.eval, self.n_heldin, self.n_observed_bins, "eval"))
+        return out
+
+    @classmethod
+    def mean(cls, rates: Sequence["Rates"]) -> "Rates":
+        """The average of several runs' rates (an ensemble)."""
+        first = rates[0]
+        return cls(np.mean([r.train for r in rates], axis=0), np.mean([r.eval for r in rates], axis=0),
+                   first.n_heldin, first.n_observed_bins)
+
+
 def _target_group(target: Mapping[str, Any], dataset: str, bin_ms: int) -> Mapping[str, Any]:
     grp = group_name(dataset, bin_ms)
     return target[grp] if grp in target else target
 
 
-def score_eval(target: Mapping[str, Any], rates: Mapping[str, ArrayLike], dataset: str,
-               bin_ms: int = 5) -> Dict[str, float]:
+def score_eval(target: Mapping[str, Any], rates: Rates, dataset: str, bin_ms: int = 5) -> Dict[str, float]:
     """Score evaluation-trial rates against an eval target, computing what the target allows.
 
     Parameters
@@ -93,8 +132,8 @@ def score_eval(target: Mapping[str, Any], rates: Mapping[str, ArrayLike], datase
         nlb_tools eval target: the ``{dataset}[_20]`` group or its contents (``eval_spikes_heldout``
         required; ``train_behavior``/``eval_behavior``, ``psth``/``eval_cond_idx``, forward spikes,
         decode masks optional).
-    rates : mapping
-        Keys of :data:`RATE_KEYS` (counts per bin); ``eval_rates_heldout`` required.
+    rates : Rates
+        The run's rates (counts per bin); the training rates enter vel R^2's decoder fit.
     dataset : str
     bin_ms : int
 
@@ -108,11 +147,12 @@ def score_eval(target: Mapping[str, Any], rates: Mapping[str, ArrayLike], datase
     from nlb_tools import evaluation as ev
 
     check_args(dataset, bin_ms, "val")
+    if not isinstance(rates, Rates):
+        raise TypeError(f"rates: expected a Rates, got {type(rates).__name__}")
     tgt = _target_group(target, dataset, bin_ms)
     if "eval_spikes_heldout" not in tgt:
         raise NLBDataError(f"eval target has no 'eval_spikes_heldout' (keys: {sorted(tgt)})")
-    if "eval_rates_heldout" not in rates:
-        raise NLBDataError("rates lack 'eval_rates_heldout'")
+    rates = rates.submission()  # nlb_tools' keys from here on: its scorers take them
     spk_out = _np(tgt["eval_spikes_heldout"])
     r_out = check_rates(rates["eval_rates_heldout"], "eval_rates_heldout", bin_ms, spk_out)
     out: Dict[str, float] = {"co-bps": bits_per_spike(r_out, spk_out)}
@@ -150,7 +190,7 @@ def score_eval(target: Mapping[str, Any], rates: Mapping[str, ArrayLike], datase
     return out
 
 
-def score_nlb(data: NLBData, rates: Mapping[str, ArrayLike]) -> Dict[str, float]:
+def score_nlb(data: NLBData, rates: Rates) -> Dict[str, float]:
     """:func:`score_eval` against ``data.eval_target``; raises if the eval target is unknown."""
     if data.eval_target is None:
         raise NLBDataError(f"{data.dataset} ({data.phase} phase): the eval target is unknown, so the "
@@ -171,38 +211,6 @@ def split_rates(full: ArrayLike, n_heldin: int, n_observed_bins: int, prefix: st
         out["eval_rates_heldin_forward"] = r[:, t:, :n_in]
         out["eval_rates_heldout_forward"] = r[:, t:, n_in:]
     return out
-
-
-@dataclass
-class Rates:
-    """Rates of a run in the batch layout, counts per bin: ``train`` and ``eval`` are
-    (trial, T + F, N_in + N_out), held-out neurons and forward bins as trailing slices, trials in the
-    order of the data's training and evaluation batches. Converted to nlb_tools' keys only to be
-    written or scored (:meth:`submission`)."""
-
-    train: np.ndarray
-    eval: np.ndarray
-
-    def submission(self, n_heldin: int, n_observed_bins: int) -> Dict[str, np.ndarray]:
-        """nlb_tools' rate keys (:data:`RATE_KEYS`): held-in/held-out of both splits, forward of ``eval``."""
-        out = split_rates(self.train, n_heldin, n_observed_bins, "train")
-        out.update(split_rates(self.eval, n_heldin, n_observed_bins, "eval"))
-        return out
-
-    @classmethod
-    def mean(cls, rates: Sequence["Rates"]) -> "Rates":
-        """The average of several runs' rates (an ensemble)."""
-        return cls(np.mean([r.train for r in rates], axis=0), np.mean([r.eval for r in rates], axis=0))
-
-
-def rates_to_full(rates: Mapping[str, ArrayLike], prefix: str) -> np.ndarray:
-    """Inverse of :func:`split_rates`: (trial, T+F, N) from ``{prefix}_rates_*`` (forward if present)."""
-    obs = np.concatenate([_np(rates[f"{prefix}_rates_heldin"]), _np(rates[f"{prefix}_rates_heldout"])], -1)
-    if f"{prefix}_rates_heldin_forward" in rates:
-        fwd = np.concatenate([_np(rates[f"{prefix}_rates_heldin_forward"]),
-                              _np(rates[f"{prefix}_rates_heldout_forward"])], -1)
-        obs = np.concatenate([obs, fwd], axis=1)
-    return obs
 
 
 def masked_counts(batch: Batch) -> np.ndarray:
@@ -264,8 +272,7 @@ def score_local(
     return out
 
 
-def write_submission(path: Union[str, os.PathLike], dataset: str, bin_ms: int,
-                     rates: Mapping[str, ArrayLike]) -> Path:
+def write_submission(path: Union[str, os.PathLike], dataset: str, bin_ms: int, rates: Rates) -> Path:
     """Write rates into an nlb_tools submission h5 with ``nlb_tools.make_tensors.save_to_h5``.
 
     The group is ``dataset`` for 5 ms and ``dataset_20`` for 20 ms; other groups already in the
@@ -276,23 +283,15 @@ def write_submission(path: Union[str, os.PathLike], dataset: str, bin_ms: int,
     path : path-like
     dataset : str
     bin_ms : {5, 20}
-    rates : mapping
-        All of :data:`RATE_KEYS`, (trial, time, neuron) expected counts per bin.
+    rates : Rates
+        Expected counts per bin; written under :data:`RATE_KEYS`.
     """
     from nlb_tools.make_tensors import save_to_h5
 
     check_args(dataset, bin_ms, "val")
-    missing = [k for k in RATE_KEYS if k not in rates]
-    if missing:
-        raise NLBDataError(f"submission rates lack {missing}")
-    arrays = {k: check_rates(rates[k], k, bin_ms).astype(np.float32) for k in RATE_KEYS}
-    for a, b in (("train_rates_heldin", "train_rates_heldout"), ("eval_rates_heldin", "eval_rates_heldout"),
-                 ("eval_rates_heldin_forward", "eval_rates_heldout_forward")):
-        if arrays[a].shape[:2] != arrays[b].shape[:2]:
-            raise NLBDataError(f"submission: {a} {arrays[a].shape} and {b} {arrays[b].shape} differ in trials/bins")
-    if arrays["eval_rates_heldin"].shape[2] != arrays["eval_rates_heldin_forward"].shape[2] or \
-            arrays["train_rates_heldin"].shape[2] != arrays["eval_rates_heldin"].shape[2]:
-        raise NLBDataError("submission: held-in neuron counts differ between keys")
+    if not isinstance(rates, Rates):
+        raise TypeError(f"rates: expected a Rates, got {type(rates).__name__}")
+    arrays = {k: check_rates(v, k, bin_ms).astype(np.float32) for k, v in rates.submission().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # overwrite=True is deliberate: drop nlb_tools' "... already found. Overwriting..." warning

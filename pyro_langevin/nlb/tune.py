@@ -1,19 +1,24 @@
 """Hyperparameter search over the NLB configuration on Ray Tune (population-based training by default).
 
-    pyro-langevin tune --dataset mc_maze_small --data-dir DIR --bin-ms 20 --out runs/tune
+    pyro-langevin tune --dataset mc_maze_small --data-dir DIR --bin-ms 5 --out runs/tune
 
 :func:`tune` searches one dataset's :class:`~pyro_langevin.nlb.config.NLBConfig` on a local Ray
 instance (started and stopped here) or on an existing cluster (``address="auto"`` or
-``"HOST:PORT"``). Each trial is one model of the NLB pipeline (:func:`~pyro_langevin.nlb.pipeline.fold_members`
-with one member: the same validation split of the TRAINING trials for every trial, the evaluation
-trials entering training through their held-in observed spikes only) trained by one
-:func:`~pyro_langevin.training.fit`. After every validation (``fit.val_every`` epochs), fit's
+``"HOST:PORT"``). Each trial trains exactly the member recipe of ``nlb``
+(:func:`~pyro_langevin.nlb.members.member_recipe`: the same data preparation, the same fitting
+bins, so a 5 ms search fits at 20 ms and its rates are interpolated back, the same member spec),
+with one member: the same validation split of the TRAINING trials for every trial (drawn from the
+request's seed), the evaluation trials entering training through their held-in observed spikes
+only, each trial's model initialised and fitted from its own seed (:func:`trial_seed`), trained by
+one :func:`~pyro_langevin.training.fit`. After every validation (``fit.val_every`` epochs), fit's
 ``callback`` reports the validation co-bps (:func:`~pyro_langevin.nlb.pipeline.cobps_metric`, the
 metric ``nlb`` selects on) and the checkpoint folder fit has just written (``last.pt``, ``best.pt``)
 to Ray (``tune.report`` with a ``Checkpoint``). A PBT exploit, a ``--resume`` or a restarted trial
 gets a checkpoint back (``tune.get_checkpoint``): :func:`restore_state` prepares its ``last.pt`` for
-the trial's hyperparameters (the learning rate) and ``fit(..., resume=last.pt)`` restores
-parameters, optimizer and scheduler state, epoch, history and every RNG exactly.
+the trial's hyperparameters (the learning rate; and, when the checkpoint is another trial's, a
+fresh early-stopping and plateau count, so a donor about to stop does not stop its recipient) and
+``fit(..., resume=last.pt)`` restores parameters, optimizer and scheduler state, epoch, history and
+every RNG exactly.
 
 Schedulers: ``pbt`` (PopulationBasedTraining: mutates the continuous hyperparameters, sizes stay
 fixed), ``asha`` (ASHAScheduler: stops poor trials at rungs) and ``random`` (every trial runs to
@@ -30,7 +35,7 @@ read: nothing here scores them.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -39,17 +44,19 @@ import shutil
 import socket
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from pyro_langevin.options import OptionError, non_negative_int, positive_int
+from pyro_langevin.nlb.request import NLBRequest
+from pyro_langevin.options import OptionError
 
 __all__ = [
     "CONFIG_KEYS", "SEARCH_KEYS", "SIZE_KEYS", "DEFAULT_SPACE", "QUICK_SPACE", "SCHEDULERS", "parse_space", "trial_config",
-    "restore_state", "train_trial", "tune", "tune_main", "add_tune_arguments",
+    "trial_seed", "restore_state", "train_trial", "tune", "format_params", "METRIC", "BEST",
 ]
 
 PathLike = Union[str, Path]
@@ -187,16 +194,29 @@ def trial_config(base, params: Mapping[str, Any]):
 
 
 # ----- one trial -----
-def restore_state(source: PathLike, cfg, work: PathLike) -> Path:
+def trial_seed(trial_id: str, seed: int = 0) -> int:
+    """A trial's own seed: ``seed`` plus its number in the search (Ray's ids end in ``_00003``), so every
+    trial starts from its own initial parameters and the same search gives the same seeds."""
+    tail = str(trial_id).rsplit("_", 1)[-1]
+    return seed + (int(tail) if tail.isdigit() else zlib.crc32(str(trial_id).encode()) % 100_000)
+
+
+def restore_state(source: PathLike, cfg, work: PathLike, trial_id: Optional[str] = None) -> Path:
     """Prepare a trial's checkpoint folder from a Ray checkpoint ``source`` (a PBT donor's or its own).
 
     Copies ``best.pt`` and writes ``last.pt`` into ``{work}/checkpoints`` (through
     :mod:`pyro_langevin.checkpoints`). Everything stays as saved (parameters, optimizer and scheduler
-    state, epoch, history, RNG states) except the learning rate when ``cfg.fit.lr`` differs from the one
-    the state was trained with (a PBT mutation): each optimizer group's rate is scaled by the ratio,
-    so reductions by the LR plateau schedule are kept. The other searched settings (KL weight,
-    dropout, CD keep rate, weight decay) are read from the config at every epoch. Returns the
-    ``last.pt`` to resume from.
+    state, epoch, history, RNG states) except:
+
+    * the learning rate when ``cfg.fit.lr`` differs from the one the state was trained with (a PBT
+      mutation): each optimizer group's rate is scaled by the ratio, so reductions by the LR plateau
+      schedule are kept. The other searched settings (KL weight, dropout, CD keep rate, weight decay)
+      are read from the config at every epoch;
+    * when the checkpoint was written by another trial than ``trial_id`` (a PBT exploit), its
+      early-stopping and plateau counts start afresh: the recipient continues the donor's state
+      with new hyperparameters, and a donor about to stop must not make it train zero epochs.
+
+    Returns the ``last.pt`` to resume from.
     """
     from pyro_langevin.checkpoints import load_checkpoint, save_checkpoint
 
@@ -205,6 +225,11 @@ def restore_state(source: PathLike, cfg, work: PathLike) -> Path:
     if (source / "best.pt").is_file():
         shutil.copyfile(source / "best.pt", dest / "best.pt")
     ckpt = load_checkpoint(source / "last.pt")
+    donor = (ckpt.get("meta") or {}).get("trial_id")
+    if trial_id is not None and donor != trial_id:
+        ckpt["bad_validations"] = 0
+        ckpt["scheduler"].update(num_bad_epochs=0, cooldown_counter=0)
+        ckpt.setdefault("meta", {})["trial_id"] = trial_id
     ratio = float(cfg.fit.lr) / float(ckpt["config"]["lr"])
     if ratio != 1.0:
         for group in ckpt["optimizer"]["param_groups"]:
@@ -215,22 +240,27 @@ def restore_state(source: PathLike, cfg, work: PathLike) -> Path:
 
 
 def train_trial(cfg, params: Mapping[str, Any], data, work: PathLike, report: Callable[[Dict[str, Any]], None], *,
-                seed: int = 0, resume: Optional[PathLike] = None, device: str = "cpu") -> None:
+                split_seed: int = 0, seed: Optional[int] = None, trial_id: Optional[str] = None,
+                resume: Optional[PathLike] = None, device: str = "cpu") -> None:
     """Train one trial's model; ``report(metrics)`` after every validation (every ``cfg.fit.val_every`` epochs).
 
-    The model, validation split (``cfg.eval.valid_frac`` of the training trials, chosen by ``seed``: the
-    same for every trial) and training batch are the ``nlb`` pipeline's single-model ones; ``fit``
-    writes ``last.pt`` (every epoch) and ``best.pt`` to ``{work}/checkpoints`` before each report,
-    and continues from ``resume`` (a ``last.pt``) when given. ``metrics``: ``val_co_bps`` (this
-    validation), ``best_val_co_bps`` (best so far, the state in ``best.pt``), ``epoch`` (epochs
-    done), ``best_epoch`` (0-based).
+    The validation split (``cfg.eval.valid_frac`` of the training trials, drawn from ``split_seed``:
+    the same for every trial), the training batch and the member spec are the ``nlb`` pipeline's
+    single-model ones (:func:`~pyro_langevin.nlb.members.fold_members`,
+    :func:`~pyro_langevin.nlb.members.build_member`) on ``data``, the data at the fitting bins; the
+    model is initialised and fitted from ``seed`` (default ``split_seed``). ``fit`` writes ``last.pt``
+    (every epoch) and ``best.pt`` to ``{work}/checkpoints`` before each report (their meta names
+    ``trial_id``), and continues from ``resume`` (a ``last.pt``) when given. ``metrics``:
+    ``val_co_bps`` (this validation), ``best_val_co_bps`` (best so far, the state in ``best.pt``),
+    ``epoch`` (epochs done), ``best_epoch`` (0-based).
     """
     from pyro_langevin.checkpoints import load_checkpoint
-    from pyro_langevin.nlb.pipeline import build_member, cobps_metric, fold_members
+    from pyro_langevin.nlb.members import build_member, cobps_metric, fold_members
     from pyro_langevin.spec import run_meta
     from pyro_langevin.training import fit
 
-    spec = fold_members(data.train, [data.eval], 1, cfg.eval.valid_frac, seed, Path(work))[0]
+    spec = fold_members(data.train, [data.eval], 1, cfg.eval.valid_frac, split_seed, Path(work))[0]
+    spec = dataclasses.replace(spec, seed=split_seed if seed is None else int(seed))
     cfg, model, guide = build_member(spec, cfg, data)
     best = {"metric": -math.inf, "epoch": -1}
     if resume is not None:
@@ -248,14 +278,17 @@ def train_trial(cfg, params: Mapping[str, Any], data, work: PathLike, report: Ca
     with warnings.catch_warnings():  # a PBT mutation changes the config on purpose
         warnings.filterwarnings("ignore", message="resuming with a different config")
         fit(model, guide, spec.training_batch(), spec.valid, cfg.fit, device=device,
-            metric_fn=cobps_metric(cfg.eval.select_draws, seed), checkpoint_dir=spec.checkpoint_dir, resume=resume,
-            progress=False, meta=run_meta(cfg, data.n_neurons, data.n_heldin, params=dict(params), seed=seed),
+            metric_fn=cobps_metric(cfg.eval.select_draws, split_seed), checkpoint_dir=spec.checkpoint_dir,
+            resume=resume, progress=False,
+            meta=run_meta(cfg, data.n_neurons, data.n_heldin, params=dict(params), seed=spec.seed,
+                          split_seed=split_seed, trial_id=trial_id),
             callback=on_epoch, handle_signals=False)
 
 
 @dataclass
 class _Context:
-    """What every trial needs besides its hyperparameters (sent once through Ray's object store)."""
+    """What every trial needs besides its hyperparameters (sent once through Ray's object store):
+    the data at the fitting bins, the base configuration, the search's seed, device and threads."""
 
     data: Any
     base: Any
@@ -271,20 +304,35 @@ def _trainable(params: Dict[str, Any], ctx: _Context) -> None:
     from ray import tune
 
     torch.set_num_threads(ctx.threads)
-    work = Path(tune.get_context().get_trial_dir()) / "work"
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    work = Path(context.get_trial_dir()) / "work"
     cfg = trial_config(ctx.base, params)
-    resume = None
+    resume, restored_from = None, None
     given = tune.get_checkpoint()
     if given is not None:
         with given.as_directory() as folder:
-            resume = restore_state(folder, cfg, work)
+            restored_from = _checkpoint_trial(Path(folder))
+            resume = restore_state(folder, cfg, work, trial_id=trial_id)
     node = ray.get_runtime_context().get_node_id()
 
     def report(metrics: Dict[str, Any]) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(work / "checkpoints"))
-        tune.report(dict(metrics, node_id=node), checkpoint=checkpoint)
+        tune.report(dict(metrics, node_id=node, restored_from=restored_from or ""), checkpoint=checkpoint)
 
-    train_trial(cfg, params, ctx.data, work, report, seed=ctx.seed, resume=resume, device=ctx.device)
+    seed = trial_seed(trial_id, ctx.seed)
+    train_trial(cfg, params, ctx.data, work, report, split_seed=ctx.seed, seed=seed, trial_id=trial_id, resume=resume,
+                device=ctx.device)
+
+
+def _checkpoint_trial(folder: Path) -> Optional[str]:
+    """The trial that wrote a Ray checkpoint's ``last.pt`` (its own after a restart, a donor's after a PBT exploit)."""
+    from pyro_langevin.checkpoints import load_checkpoint
+
+    try:
+        return (load_checkpoint(folder / "last.pt").get("meta") or {}).get("trial_id")
+    except (OSError, ValueError):
+        return None
 
 
 # ----- Ray: connection, scheduler, progress -----
@@ -385,8 +433,9 @@ def _fit(tuner) -> tuple:
 
 def _progress_callback(log: Callable[[str], None], history: Path, every_s: float = 30.0):
     """One line per finished trial, and a status line at most every ``every_s`` seconds; every
-    result appended to the CSV ``history`` (time, trial, epoch, co-bps: the population plot's data,
-    kept across ``--resume``)."""
+    result appended to the CSV ``history`` (time, trial, epoch, co-bps, and the trial whose checkpoint
+    it last started from: itself after a restart, a donor after a PBT exploit; the population plot's
+    data, kept across ``--resume``)."""
     from ray import tune
 
     class Lines(tune.Callback):
@@ -397,8 +446,9 @@ def _progress_callback(log: Callable[[str], None], history: Path, every_s: float
             self.best = max(self.best, result.get(BEST, -math.inf))
             new = not history.is_file()
             with history.open("a") as f:
-                f.write("time,trial_id,epoch,val_co_bps,best_val_co_bps\n" if new else "")
-                f.write(f"{time.time():.3f},{trial.trial_id},{result.get('epoch')},{result.get(METRIC)},{result.get(BEST)}\n")
+                f.write("time,trial_id,epoch,val_co_bps,best_val_co_bps,restored_from\n" if new else "")
+                f.write(f"{time.time():.3f},{trial.trial_id},{result.get('epoch')},{result.get(METRIC)},{result.get(BEST)},"
+                        f"{result.get('restored_from', '')}\n")
             now = time.time()
             if now - self.last >= every_s:
                 self.last = now
@@ -408,7 +458,7 @@ def _progress_callback(log: Callable[[str], None], history: Path, every_s: float
         def on_trial_complete(self, iteration, trials, trial, **info):
             r = trial.last_result or {}
             log(f"trial {trial.trial_id} done: best validation co-bps {r.get(BEST, math.nan):.4f} after "
-                f"{r.get('epoch', 0)} epochs, {r.get('time_total_s', 0.0):.0f} s; {_fmt_params(trial.config)}")
+                f"{r.get('epoch', 0)} epochs, {r.get('time_total_s', 0.0):.0f} s; {format_params(trial.config)}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             log(f"trial {trial.trial_id} failed; its error is in {trial.local_path or trial.path}")
@@ -416,12 +466,13 @@ def _progress_callback(log: Callable[[str], None], history: Path, every_s: float
     return Lines()
 
 
-def _fmt_params(params: Mapping[str, Any]) -> str:
+def format_params(params: Mapping[str, Any]) -> str:
+    """``lr=0.003 dropout=0.2``: a trial's hyperparameters on one line."""
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 # ----- after the search -----
-def _summarize(grid, out: Path, space_keys: Sequence[str]) -> List[Dict[str, Any]]:
+def _summarize(grid, out: Path, space_keys: Sequence[str], seed: int) -> List[Dict[str, Any]]:
     """One row per trial, best first; writes ``trials.csv``."""
     import pandas as pd
 
@@ -434,6 +485,7 @@ def _summarize(grid, out: Path, space_keys: Sequence[str]) -> List[Dict[str, Any
         trial_id = Path(res.path).name.split("_")[2] + "_" + Path(res.path).name.split("_")[3]
         rows.append({"trial_id": trial_id, **{k: res.config.get(k) for k in space_keys},
                      BEST: m.get(BEST, math.nan), "epochs": m.get("epoch"), "best_epoch": m.get("best_epoch"),
+                     "seed": trial_seed(trial_id, seed),
                      "seconds": round(float(m.get("time_total_s", math.nan)), 1), "node_id": m.get("node_id"),
                      "finished": bool(m.get("done", False)), "error": None if res.error is None else type(res.error).__name__,
                      "_result": res})
@@ -469,7 +521,7 @@ def _export(rows: Sequence[Mapping[str, Any]], data, seed: int, device: str) -> 
     """Posterior-mean rates of each row's best state (``best.pt`` of its trial's last checkpoint,
     rebuilt by :func:`~pyro_langevin.spec.load_run`), averaged over the rows; and the first row's
     checkpoint ``meta`` (its hyperparameters when that state was reached, its configuration)."""
-    from pyro_langevin.nlb.pipeline import export_rates
+    from pyro_langevin.nlb.members import export_rates
     from pyro_langevin.nlb.scoring import Rates
     from pyro_langevin.spec import load_run
 
@@ -483,11 +535,7 @@ def _export(rows: Sequence[Mapping[str, Any]], data, seed: int, device: str) -> 
 
 
 def tune(
-    dataset: str,
-    data_dir: PathLike,
-    bin_ms: int = 5,
-    phase: str = "val",
-    out: PathLike = "runs/tune",
+    request: NLBRequest,
     *,
     scheduler: str = "pbt",
     num_samples: Optional[int] = None,
@@ -496,27 +544,26 @@ def tune(
     time_budget: Optional[float] = None,
     address: Optional[str] = None,
     storage: Optional[PathLike] = None,
-    resume: bool = False,
-    quick: bool = False,
     space: Optional[Mapping[str, List[Any]]] = None,
-    config=None,
-    seed: int = 0,
     top_k: int = 1,
     num_cpus: Optional[int] = None,
     log: Callable[[str], None] = print,
 ) -> Dict[str, Any]:
-    """Search the NLB configuration of ``dataset`` on Ray Tune; write the outputs to ``out``.
+    """Search the NLB configuration of ``request``'s dataset on Ray Tune; write the outputs to ``request.out``.
 
     Parameters
     ----------
-    dataset, data_dir, bin_ms, phase
-        As :func:`~pyro_langevin.nlb.data.load_nlb`.
-    out : path-like
-        ``trials.csv``, ``best_config.json``, ``population.png``, ``submission.h5`` and (without
-        ``storage``) Ray's experiment folder ``out/search``.
+    request : NLBRequest
+        The data, the base configuration the space changes (the dataset's default, as ``nlb`` uses it,
+        or ``request.config``, then ``overrides`` and ``epochs``; one model per trial), the fitting bins
+        (``nlb``'s: a 5 ms search fits at 20 ms), the output folder (``trials.csv``,
+        ``best_config.json``, ``population.png``, ``submission.h5`` and, without ``storage``, Ray's
+        experiment folder ``search``), the seed (the validation split shared by all trials, each
+        trial's own seed, the exported draws) and ``resume`` (continue the interrupted search:
+        Ray's ``Tuner.restore``). ``quick``: 2 trials of the quick configuration (4 epochs).
     scheduler : {"pbt", "asha", "random"}
     num_samples : int, optional
-        Trials (the PBT population); default 8 (2 with ``quick``).
+        Trials (the PBT population); default 8 (2 with ``request.quick``).
     cpus_per_trial, gpus_per_trial : float
         Ray resources of one trial (fractions allowed); a trial trains on ``cuda`` when it holds a GPU.
     time_budget : float, optional
@@ -525,18 +572,10 @@ def tune(
         None: a local Ray instance, started and stopped here (an instance already initialised in this
         process is used as it is). ``"auto"`` or ``"HOST:PORT"``: an existing cluster.
     storage : path-like, optional
-        Where Ray keeps the experiment (default ``out``); a multi-node cluster needs storage every node
-        reaches (NFS, S3: ``s3://bucket/path``).
-    resume : bool
-        Continue the interrupted search in ``storage``/``out`` (Ray's ``Tuner.restore``).
-    quick : bool
-        Smoke test: the quick configuration (tiny networks, 4 epochs), 2 trials.
+        Where Ray keeps the experiment (default ``request.out``); a multi-node cluster needs storage
+        every node reaches (NFS, S3: ``s3://bucket/path``).
     space : dict, optional
         From :func:`parse_space` (default :data:`DEFAULT_SPACE`).
-    config : NLBConfig, optional
-        The base configuration (default: the dataset's, as ``nlb`` uses it) that ``space`` changes.
-    seed : int
-        Seeds the validation split (shared by all trials), each trial's fit and the exported draws.
     top_k : int
         ``submission.h5`` averages the rates of the ``top_k`` best trials (1: the best trial's).
     num_cpus : int, optional
@@ -554,13 +593,14 @@ def tune(
     ray = _import_ray()
     from ray import tune as rt
 
-    from pyro_langevin.nlb.config import default_config
-    from pyro_langevin.nlb.data import check_args, load_nlb
+    from pyro_langevin.nlb.members import member_recipe
     from pyro_langevin.nlb.scoring import write_submission
 
-    check_args(dataset, bin_ms, phase)
+    quick, seed, resume = request.quick, request.seed, request.resume
+    if quick and request.epochs is None and request.config is None:
+        request = request.replace(epochs=4)
     space = space if space is not None else parse_space(quick=quick, scheduler=scheduler)
-    base = trial_config(config or default_config(dataset, bin_ms, quick=quick, epochs=4 if quick else None), {})
+    base = trial_config(request.spec(), {})
     for key, entry in space.items():  # every value the search may try must make a valid configuration
         for value in entry[1:]:
             trial_config(base, {key: value})
@@ -568,7 +608,7 @@ def tune(
         raise OptionError("search space: PBT keeps the sizes fixed; give latent_dim and hidden one value")
     param_space = {key: _domain(entry) for key, entry in space.items()}
     num_samples = num_samples or (2 if quick else 8)
-    out = Path(out).resolve()
+    out = Path(request.out).resolve()
     root = str(storage) if storage is not None else str(out)
     experiment = f"{root.rstrip('/')}/search"
     if resume and not rt.Tuner.can_restore(experiment):
@@ -577,12 +617,14 @@ def tune(
         raise OptionError(f"{out} holds an earlier search; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
 
-    data = load_nlb(dataset, data_dir, bin_ms=bin_ms, phase=phase)
+    # the members' recipe of nlb: the same data preparation and fitting bins (the device is Ray's)
+    recipe = member_recipe(request.replace(device="cpu"))
+    data, fit_data = recipe.data, recipe.fit_data
     started = _connect(address, num_cpus)
     try:
         _check_resources(cpus_per_trial, gpus_per_trial)
         device = "cuda" if gpus_per_trial > 0 else "cpu"
-        ctx = _Context(data, base, seed, device, max(1, int(cpus_per_trial)))
+        ctx = _Context(fit_data, base, seed, device, max(1, int(cpus_per_trial)))
         trainable = rt.with_resources(rt.with_parameters(_trainable, ctx=ctx),
                                       {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
         iterations = math.ceil(base.fit.epochs / base.fit.val_every)
@@ -591,9 +633,9 @@ def tune(
             log(f"resuming the search in {experiment} ...")
             tuner = rt.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
-            log(f"{dataset} {bin_ms} ms {phase}: {scheduler} search, {num_samples} trials of up to {base.fit.epochs} "
-                f"epochs ({cpus_per_trial:g} CPU, {gpus_per_trial:g} GPU each) on Ray "
-                f"({'local' if address is None else address}); experiment in {experiment}")
+            log(f"{data.dataset} {data.bin_ms} ms {data.phase}: {scheduler} search, {num_samples} trials of up to "
+                f"{base.fit.epochs} epochs at {fit_data.bin_ms} ms bins ({cpus_per_trial:g} CPU, {gpus_per_trial:g} GPU "
+                f"each) on Ray ({'local' if address is None else address}); experiment in {experiment}")
             tuner = rt.Tuner(
                 trainable, param_space=param_space,
                 tune_config=rt.TuneConfig(metric=METRIC, mode="max", scheduler=_scheduler(scheduler, space, iterations, quick),
@@ -608,7 +650,7 @@ def tune(
             )
         grid, interrupted = _fit(tuner)
         seconds = time.perf_counter() - t0
-        rows = _summarize(grid, out, list(space))
+        rows = _summarize(grid, out, list(space), seed)
         if interrupted and not rows:
             raise KeyboardInterrupt
         if not rows or not math.isfinite(rows[0][BEST]):
@@ -616,14 +658,16 @@ def tune(
         top = rows[:max(1, top_k)]
         import torch  # the export runs here, in the driver: on its own GPU if it has one
 
-        rates, saved = _export(top, data, seed, "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
+        rates, saved = _export(top, fit_data, seed, "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
+        rates = recipe.to_scored_bins(rates)
     finally:
         if started:
             ray.shutdown()
-    sub = write_submission(out / "submission.h5", dataset, bin_ms, rates.submission(data.n_heldin, data.n_observed_bins))
+    sub = write_submission(out / "submission.h5", data.dataset, data.bin_ms, rates)
     unfinished = [r["trial_id"] for r in rows if not r["finished"] and r["error"] is None]
     best = {
-        "dataset": dataset, "bin_ms": bin_ms, "phase": phase, "scheduler": scheduler, "trial_id": rows[0]["trial_id"],
+        "dataset": data.dataset, "bin_ms": data.bin_ms, "fit_bin_ms": fit_data.bin_ms, "phase": data.phase,
+        "scheduler": scheduler, "trial_id": rows[0]["trial_id"],
         BEST: rows[0][BEST], "best_epoch": rows[0]["best_epoch"], "params": saved["params"], "config": saved["spec"],
         "top_k": [r["trial_id"] for r in top], "n_trials": len(rows), "search_seconds": round(seconds, 1),
         "unfinished": unfinished, "interrupted": interrupted, "submission": str(sub), "trials_csv": str(out / "trials.csv"),
@@ -631,59 +675,3 @@ def tune(
     }
     (out / "best_config.json").write_text(json.dumps(best, indent=2, default=float))
     return best
-
-
-# ----- command line -----
-def add_tune_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from pyro_langevin.cli import add_nlb_data_arguments
-
-    add_nlb_data_arguments(p)
-    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/tune/DATASET-BINms-PHASE)")
-    p.add_argument("--scheduler", default="pbt", choices=SCHEDULERS, help="default pbt")
-    p.add_argument("--num-samples", type=positive_int, default=None, help="trials, the PBT population (default 8; --quick 2)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial, fractions allowed (default 1)")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, fractions allowed (default 0)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="stop the search after this long")
-    p.add_argument("--address", default=None, help="an existing Ray cluster: 'auto' or HOST:PORT (default: a local instance)")
-    p.add_argument("--storage", default=None, help="where Ray keeps the experiment (default --out; shared storage on a cluster)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted search (Ray's own restore)")
-    p.add_argument("--quick", action="store_true", help="smoke test: tiny networks, 4 epochs, 2 trials")
-    p.add_argument("--epochs", type=positive_int, default=None, help="epochs per trial (default: per-dataset config)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
-    p.add_argument("--space-file", type=Path, default=None, help="JSON search space (see docs/tune.md)")
-    p.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
-                   help="override one key: lr=loguniform:1e-4:1e-2, latent_dim=choice:16,32, dropout=0.3")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a fixed setting of the run spec by its dotted key, e.g. --set fit.epochs=200 (as nlb)")
-    p.add_argument("--top-k", type=positive_int, default=1, help="submission from the mean rates of the k best trials")
-    return p
-
-
-def _tune_command(args: argparse.Namespace, session) -> None:
-    from pyro_langevin.options import check_nlb_config
-
-    cfg = check_nlb_config(args.dataset, args.bin_ms, args.phase, quick=args.quick,
-                           epochs=args.epochs or (4 if args.quick else None), overrides=args.set, seed=args.seed)
-    space = parse_space(args.space_file, args.space, quick=args.quick, scheduler=args.scheduler)
-    out = args.out or Path("runs/tune") / f"{args.dataset}-{args.bin_ms:02d}ms-{args.phase}"
-    session.interrupt_note = lambda: "interrupted; the search's state is saved: rerun the same command with --resume"
-    best = tune(args.dataset, args.data_dir, args.bin_ms, args.phase, out, scheduler=args.scheduler,
-                num_samples=args.num_samples, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                time_budget=args.time_budget, address=args.address, storage=args.storage, resume=args.resume,
-                quick=args.quick, space=space, config=cfg, seed=args.seed, top_k=args.top_k)
-    print(f"best trial {best['trial_id']}: validation co-bps {best[BEST]:.4f} ({_fmt_params(best['params'])})")
-    print(f"wrote {out}/trials.csv, best_config.json, population.png and {best['submission']}")
-    print(json.dumps({k: best[k] for k in ("trial_id", BEST, "best_epoch", "params", "n_trials", "search_seconds")}))
-    if best["interrupted"]:  # run_command prints the interrupt line (rerun with --resume), status 130
-        raise KeyboardInterrupt
-
-
-
-def tune_main(argv: Optional[Sequence[str]] = None, prog: str = "pyro-langevin tune") -> int:
-    """Run a hyperparameter search from command-line arguments; return the exit status."""
-    from pyro_langevin.console import run_command
-    from pyro_langevin.options import ArgumentParser
-
-    p = add_tune_arguments(ArgumentParser(prog=prog, description="Search LangevinFlow's NLB configuration on Ray Tune."))
-    return run_command(lambda session: _tune_command(p.parse_args(argv), session), prog)
-

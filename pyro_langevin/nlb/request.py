@@ -1,0 +1,156 @@
+"""One NLB run as asked for: the request that ``nlb``, ``nlb --cv`` and ``tune`` all take.
+
+A :class:`NLBRequest` says which data (dataset, folder, bins, phase), where the outputs go, which
+configuration the members train with (the dataset's default, a given :class:`NLBConfig`, dotted-key
+overrides, an epoch count, the quick smoke-test sizes), the bins they fit at, and how they run
+(seed, device, threads, worker processes, resume, progress bar). The command line builds one from
+its options (:mod:`pyro_langevin.nlb.cli`); Python callers build it themselves::
+
+    request = NLBRequest("mc_maze_small", "~/dandi", bin_ms=5, out="runs/mms", overrides={"eval.n_models": 1})
+    metrics = run_nlb(request)
+    cv = cross_validate(request, k=5)
+
+Its fields are checked when it is made (dataset, bins, phase, fitting bins, epochs, threads,
+workers); :meth:`NLBRequest.spec` checks the configuration and :meth:`NLBRequest.torch_device` the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+
+from pyro_langevin.devices import check_device
+from pyro_langevin.nlb.coarse import resolve_fit_bin
+from pyro_langevin.nlb.config import NLBConfig, default_config
+from pyro_langevin.nlb.data import check_args
+from pyro_langevin.spec import SpecError, build
+
+__all__ = ["NLBRequest"]
+
+PathLike = Union[str, Path]
+
+
+@dataclass(frozen=True)
+class NLBRequest:
+    """An NLB run as asked for (see the module docstring).
+
+    Attributes
+    ----------
+    dataset : str
+        An NLB'21 dataset name (``"mc_maze_small"`` ...).
+    data_dir : path
+        The DANDI layout and/or preprocessed ``{dataset}-{bin}ms-{phase}/`` folders
+        (:func:`~pyro_langevin.nlb.data.load_nlb`).
+    bin_ms : {5, 20}
+        The bins rates are scored and written at.
+    phase : {"val", "test"}
+    out : path
+        Output folder of the run.
+    seed : int
+        Seeds the validation splits and folds, the members' fits and the posterior draws.
+    fit_bin_ms : int, optional
+        The bins the members fit at (default :data:`~pyro_langevin.nlb.coarse.FIT_BIN_MS`: 20 ms,
+        also for 5 ms data, whose rates are interpolated back; :mod:`pyro_langevin.nlb.coarse`).
+    config : NLBConfig, optional
+        Replaces the dataset's default configuration (:func:`~pyro_langevin.nlb.config.default_config`
+        at the fitting bins); ``overrides`` and ``epochs`` still apply.
+    overrides : mapping
+        Dotted keys of :class:`~pyro_langevin.nlb.config.NLBConfig` (``{"fit.lr": 1e-3}``).
+    epochs : int, optional
+        The members' epoch count (the ramps follow it).
+    quick : bool
+        The smoke-test configuration (tiny networks, a few epochs, few draws).
+    device : str or torch.device, optional
+        ``cuda`` when available, else ``cpu``.
+    threads : int
+        torch CPU threads of a fit (1: this model's many small sequential operations run no faster
+        on more, and far slower on a shared machine).
+    workers : int
+        Models trained at once in worker processes (CPU only; ensemble members, folds).
+    resume : bool
+        Continue the run in ``out`` from its checkpoints.
+    progress : bool
+        Show progress bars.
+    """
+
+    dataset: str
+    data_dir: PathLike
+    bin_ms: int = 5
+    phase: str = "val"
+    out: PathLike = "runs/nlb"
+    seed: int = 0
+    fit_bin_ms: Optional[int] = None
+    config: Optional[NLBConfig] = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    epochs: Optional[int] = None
+    quick: bool = False
+    device: Union[str, torch.device, None] = None
+    threads: int = 1
+    workers: int = 1
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_args(self.dataset, self.bin_ms, self.phase)
+        resolve_fit_bin(self.bin_ms, self.fit_bin_ms)
+        object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "overrides", dict(self.overrides))
+        for name, low in (("epochs", 1), ("threads", 1), ("workers", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if value is None and name == "epochs":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise SpecError(f"{name} must be an integer >= {low}, got {value!r}")
+
+    @property
+    def fit_bin(self) -> int:
+        """The bin width the members fit at (``fit_bin_ms`` resolved)."""
+        return resolve_fit_bin(self.bin_ms, self.fit_bin_ms)
+
+    def replace(self, **changes: Any) -> "NLBRequest":
+        """A copy with some fields changed (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+    def spec(self) -> NLBConfig:
+        """The members' configuration, at the fitting bins: ``config`` or the dataset's default, then
+        ``overrides``, then ``epochs``. Every section checks its fields, and the model and guide must
+        build (on a forked RNG, tiny sizes).
+
+        Raises
+        ------
+        SpecError
+            An unknown key, a value of the wrong type or range, or settings the constructors refuse.
+        """
+        cfg = self.config if self.config is not None else default_config(self.dataset, self.fit_bin, quick=self.quick)
+        changes = dict(self.overrides)
+        if self.epochs is not None:
+            changes["fit.epochs"] = self.epochs
+        cfg = cfg.override(changes) if changes else cfg
+        try:
+            with torch.random.fork_rng(devices=[]):
+                build(cfg, n_neurons=4, n_heldin=2)
+        except SpecError:
+            raise
+        except Exception as exc:  # whatever the constructors reject, as one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SpecError(f"invalid model setting: {type(exc).__name__}: {first}") from None
+        return cfg
+
+    def torch_device(self) -> torch.device:
+        """The torch device of the fits (:func:`~pyro_langevin.devices.check_device`)."""
+        return check_device(self.device)
+
+    def meta(self) -> Dict[str, Any]:
+        """What the run's checkpoints record, and what a resumed run must match."""
+        return {"dataset": self.dataset, "bin_ms": self.bin_ms, "phase": self.phase, "seed": self.seed,
+                "fit_bin_ms": self.fit_bin}
+
+    def default_workers(self, n_models: int) -> int:
+        """One worker per CPU core, at most ``n_models`` (what the command line uses)."""
+        return max(1, min(n_models, os.cpu_count() or 1))
