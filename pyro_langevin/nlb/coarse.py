@@ -3,9 +3,10 @@
 
 Why (docs/nlb.md, "Fitting 5 ms data at 20 ms"): on MC_Maze_Small, under 5-fold cross-validation
 paired over the same folds, the five-member ensemble fitted at 20 ms and interpolated scored higher
-5 ms co-bps and fp-bps than the one fitted at 5 ms, and the default run took 3.5 times less time (6.6 against 23.2 minutes on 2 cores). Latent
-dynamics on a ~100 ms time scale lose little in 20 ms bins, while 5 ms bins give the model four
-times as many sequential steps, each with a quarter of the counts.
+5 ms co-bps and fp-bps than the one fitted at 5 ms, and the default run took 3.5 times less time
+(6.6 against 23.2 minutes on 2 cores). Latent dynamics on a ~100 ms time scale lose little in
+20 ms bins, while 5 ms bins give the model four times as many sequential steps, each with a
+quarter of the counts.
 
 * :func:`coarsen_data` sums counts over groups of bins (as NLB's own 20 ms files are binned from
   5 ms ones): a coarse bin is observed only where all of its fine bins are.
