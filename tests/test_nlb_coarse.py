@@ -13,7 +13,7 @@ from pyro_langevin.nlb import members as nlb_members, pipeline as nlb_pipeline
 from pyro_langevin.nlb.coarse import coarsen_batch, coarsen_data, resolve_fit_bin, upsample_rates
 from pyro_langevin.nlb.data import load_nlb
 from pyro_langevin.nlb.request import NLBRequest
-from pyro_langevin.spec import load_run
+from pyro_langevin.spec import SpecError, load_run
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -82,7 +82,7 @@ def test_resolve_fit_bin(bin_ms, fit, expected):
 
 @pytest.mark.parametrize("bin_ms,fit", [(20, 5), (5, 10), (5, True)])
 def test_resolve_fit_bin_refuses(bin_ms, fit):
-    with pytest.raises(NLBDataError, match="cannot fit"):
+    with pytest.raises(SpecError, match="cannot fit"):
         resolve_fit_bin(bin_ms, fit)
 
 

@@ -207,7 +207,7 @@ def test_nlb_request_checks_its_fields_and_builds_the_members_spec(tmp_path):
     assert request.meta() == {"dataset": "mc_maze_small", "bin_ms": 5, "phase": "val", "seed": 0, "fit_bin_ms": 20}
     with pytest.raises(NLBDataError, match="unknown NLB dataset"):
         NLBRequest("mc_mazy", tmp_path)
-    with pytest.raises(NLBDataError, match="cannot fit"):
+    with pytest.raises(SpecError, match="cannot fit"):
         NLBRequest("mc_maze_small", tmp_path, bin_ms=20, fit_bin_ms=5)
     for bad in ({"workers": 0}, {"epochs": 0}, {"seed": -1}, {"threads": True}):
         with pytest.raises(SpecError):

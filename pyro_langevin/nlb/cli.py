@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pyro_langevin.console import Session, run_command
-from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.nlb.coarse import resolve_fit_bin
 from pyro_langevin.nlb.config import NLBConfig
 from pyro_langevin.nlb.data import BIN_SIZES, DANDISETS, PHASES, check_args
@@ -84,7 +83,7 @@ def _request(args: argparse.Namespace, out: Path, **run: object) -> tuple[NLBReq
     check_args(args.dataset, args.bin_ms, args.phase)
     try:
         resolve_fit_bin(args.bin_ms, args.fit_bin_ms)
-    except NLBDataError as exc:
+    except SpecError as exc:
         raise OptionError(f"--fit-bin-ms: {exc}") from None
     try:
         request = NLBRequest(args.dataset, args.data_dir, args.bin_ms, args.phase, out=out, seed=args.seed,

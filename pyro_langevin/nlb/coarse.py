@@ -27,6 +27,7 @@ from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.nlb.data import BIN_SIZES, NLBData
 from pyro_langevin.nlb.rebin import rebin_counts
 from pyro_langevin.nlb.scoring import Rates
+from pyro_langevin.spec import SpecError
 
 __all__ = ["FIT_BIN_MS", "resolve_fit_bin", "coarsen_batch", "coarsen_data", "upsample_rates", "upsample"]
 
@@ -40,12 +41,13 @@ def resolve_fit_bin(bin_ms: int, fit_bin_ms: Optional[int] = None) -> int:
 
     Raises
     ------
-    NLBDataError
-        When ``fit_bin_ms`` is not an NLB bin width or not a whole multiple of ``bin_ms``.
+    SpecError
+        When ``fit_bin_ms`` is not an NLB bin width or not a whole multiple of ``bin_ms`` (a setting,
+        not the data).
     """
     fit = FIT_BIN_MS.get(bin_ms, bin_ms) if fit_bin_ms is None else fit_bin_ms
     if isinstance(fit, bool) or fit not in BIN_SIZES or fit % bin_ms:
-        raise NLBDataError(f"cannot fit {bin_ms} ms data at {fit_bin_ms!r} ms bins: the fitting bin width must be "
+        raise SpecError(f"cannot fit {bin_ms} ms data at {fit_bin_ms!r} ms bins: the fitting bin width must be "
                            f"one of {BIN_SIZES} and a whole multiple of {bin_ms} ms")
     return int(fit)
 
