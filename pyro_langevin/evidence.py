@@ -114,6 +114,8 @@ class Evidence:
         ``log p(x, z_k) - log q(z_k | x)`` of every draw (float64).
     log_weights_heldin : ndarray or None, shape (trial, K)
         ``log p(x_heldin, z_k) - log q(z_k | x)`` of the same draws (``"heldout"`` only).
+    joint : Evidence or None
+        For ``"heldout"``: the ``"joint"`` evidence of the same draws (no extra cost).
     """
 
     trial: np.ndarray
@@ -129,6 +131,7 @@ class Evidence:
     seconds: float = float("nan")
     log_weights: Optional[np.ndarray] = field(default=None, repr=False)
     log_weights_heldin: Optional[np.ndarray] = field(default=None, repr=False)
+    joint: Optional["Evidence"] = field(default=None, repr=False)
 
     @property
     def flagged(self) -> np.ndarray:
@@ -152,6 +155,27 @@ class Evidence:
             "flagged": self.flagged, "ess": self.ess, "mc_se": self.mc_se, "n_spikes": self.n_spikes,
         }, index=pd.Index(self.trial, name="trial"))
 
+    def to_dict(self) -> dict[str, Any]:
+        """Per-trial numbers as plain lists (JSON-ready; log weights left out), :meth:`from_dict`'s input."""
+        out: dict[str, Any] = {"num_particles": int(self.num_particles), "quantity": self.quantity,
+                               "seconds": float(self.seconds)}
+        for name in _PER_TRIAL:
+            out[name] = np.asarray(getattr(self, name)).tolist()
+        if self.joint is not None:
+            out["joint"] = self.joint.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Evidence":
+        """Inverse of :meth:`to_dict` (without the log weights)."""
+        missing = [k for k in (*_PER_TRIAL, "num_particles", "quantity") if k not in d]
+        if missing:
+            raise ValueError(f"Evidence.from_dict: missing field(s) {missing}")
+        arrays = {k: np.asarray(d[k], dtype=np.int64 if k == "trial" else np.float64) for k in _PER_TRIAL}
+        return cls(**arrays, num_particles=int(d["num_particles"]), quantity=str(d["quantity"]),
+                   seconds=float(d.get("seconds", float("nan"))),
+                   joint=cls.from_dict(d["joint"]) if d.get("joint") else None)
+
     def summary(self) -> dict[str, float]:
         """Totals and diagnostics as plain numbers (JSON-ready): nats, nats and bits per spike."""
         spikes = float(self.n_spikes.sum())
@@ -166,6 +190,9 @@ class Evidence:
             "frac_khat_gt_0_7": float(self.flagged.mean()), "ess_median": float(np.median(self.ess)),
             "seconds": float(self.seconds),
         }
+
+
+_PER_TRIAL = ("trial", "log_evidence", "elbo", "khat", "ess", "mc_se", "n_spikes", "null_log_lik")
 
 
 def _se(values: np.ndarray) -> float:
@@ -470,12 +497,17 @@ def log_evidence(
             lw_all.append(torch.cat(parts, dim=1))
             if quantity == "heldout":
                 lw_in_all.append(torch.cat(parts_in, dim=1))
+    trial = batch.index.detach().cpu().numpy()
+    seconds = time.perf_counter() - start_time
+    lw = torch.cat(lw_all).numpy()
     n_spikes, null_ll = _scored_counts(batch, quantity)
-    return evidence_from_log_weights(
-        torch.cat(lw_all).numpy(), torch.cat(lw_in_all).numpy() if lw_in_all else None,
-        trial=batch.index.detach().cpu().numpy(), n_spikes=n_spikes, null_log_lik=null_ll,
-        seconds=time.perf_counter() - start_time, warn=warn,
-    )
+    ev = evidence_from_log_weights(lw, torch.cat(lw_in_all).numpy() if lw_in_all else None, trial=trial,
+                                   n_spikes=n_spikes, null_log_lik=null_ll, seconds=seconds, warn=warn)
+    if quantity == "heldout":
+        n_spikes, null_ll = _scored_counts(batch, "joint")
+        ev.joint = evidence_from_log_weights(lw, trial=trial, n_spikes=n_spikes, null_log_lik=null_ll,
+                                             seconds=seconds, warn=False)
+    return ev
 
 
 # ----- comparison -----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
 
@@ -175,6 +176,11 @@ def test_heldout_quantity_is_the_joint_minus_the_heldin_evidence(fitted_tiny):
     joint = log_evidence(model, guide, batch, 500, seed=0, warn=False)
     heldin = evidence_from_log_weights(cond.log_weights_heldin, warn=False)
     np.testing.assert_allclose(cond.log_weights, joint.log_weights)  # same draws
+    np.testing.assert_allclose(cond.joint.log_evidence, joint.log_evidence)
+    np.testing.assert_allclose(cond.joint.n_spikes, joint.n_spikes)
+    back = type(cond).from_dict(json.loads(json.dumps(cond.to_dict())))
+    np.testing.assert_allclose(back.log_evidence, cond.log_evidence)
+    np.testing.assert_allclose(back.joint.elbo, joint.elbo)
     np.testing.assert_allclose(cond.log_evidence, joint.log_evidence - heldin.log_evidence)
     scored = batch.mask.clone()
     scored[:, :batch.n_observed_bins, :batch.n_heldin] = False
