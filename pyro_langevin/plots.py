@@ -309,7 +309,8 @@ def plot_evidence_compare(tables: Mapping[str, pd.DataFrame], title: str = "held
     from matplotlib.lines import Line2D
 
     rows = max(len(t) for t in tables.values())
-    fig, axes = plt.subplots(1, len(tables), figsize=(5.2 * len(tables), 1.6 + 0.5 * rows), squeeze=False)
+    height = 1.9 + 0.45 * rows
+    fig, axes = plt.subplots(1, len(tables), figsize=(5.2 * len(tables), height), squeeze=False)
     for ax, (name, table) in zip(axes[0], tables.items()):
         table = table.sort_values("rank")
         best = float(table["elpd"].iloc[0])
@@ -332,7 +333,7 @@ def plot_evidence_compare(tables: Mapping[str, pd.DataFrame], title: str = "held
     ]
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.12 + 0.1 / max(rows, 1), 1, 1))
+    fig.tight_layout(rect=(0, 0.55 / height, 1, 1))
     return fig
 
 
