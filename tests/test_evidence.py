@@ -237,3 +237,31 @@ def test_log_likelihood_group_lets_arviz_loo_and_waic_run():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         assert np.isfinite(az.loo(idata_m.isel(time=slice(0, 6))).elpd_loo)
+
+
+def test_example_compare_quick(tmp_path):
+    """examples/compare.py --quick: fits on Lorenz and on real MC_Maze_Small training trials, writes the
+    table with the required columns (per fold and pooled) and the figure."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(root / "examples" / "compare.py"), "--quick", "--no-progress",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    table = pd.read_csv(out / "compare.csv")
+    required = ["model", "elpd", "se", "d_elpd", "dse", "khat_max", "frac_khat_gt_0_7"]
+    assert set(required) <= set(table.columns)
+    assert set(table["dataset"]) == {"lorenz", "mc_maze_small"}
+    pooled = table[(table["dataset"] == "mc_maze_small") & (table["fold"] == "all") & (table["quantity"] == "joint")]
+    assert sorted(pooled["model"]) == ["mlp", "oscillators", "zero"] and (pooled["n_trials"] == 75).all()
+    assert np.isfinite(pooled[required[1:]].to_numpy(dtype=float)).all()
+    assert (out / "compare.png").is_file() and summary["figure"] == str(out / "compare.png")
+    rerun = subprocess.run([sys.executable, str(root / "examples" / "compare.py"), "--quick", "--no-progress",
+                            "--out", str(out)], capture_output=True, text=True, timeout=60, cwd=root)
+    assert rerun.returncode == 2 and "--resume" in rerun.stderr  # an earlier run is never replaced silently
