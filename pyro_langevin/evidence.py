@@ -54,9 +54,9 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 from scipy.special import gammaln, logsumexp
 
-from pyro_langevin.batch import Batch, BatchError
+from pyro_langevin.batch import Batch
 from pyro_langevin.data.splits import heldin_only
-from pyro_langevin.posterior import eval_mode
+from pyro_langevin.posterior import check_posterior_inputs, eval_mode
 from pyro_langevin.progress import progress_bar
 
 with warnings.catch_warnings():  # arviz 0.23 announces its 1.0 refactor with a FutureWarning on import
@@ -394,25 +394,13 @@ def _scored_counts(batch: Batch, quantity: str) -> tuple[np.ndarray, np.ndarray]
     return x.sum(axis=(1, 2)), ll.sum(axis=(1, 2))
 
 
-def _check_inputs(model: Callable, guide: Callable, batch: Batch, num_particles: int, quantity: str) -> None:
-    if not isinstance(batch, Batch):
-        raise TypeError(f"batch: expected a Batch (see pyro_langevin.make_batch), got {type(batch).__name__}")
-    try:
-        batch.validate()
-    except BatchError as exc:
-        raise BatchError(f"batch.{exc}") from exc
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"num_particles must be an int >= 1, got {num_particles!r}")
+def _check_inputs(model: Callable, guide: Callable, batch: Batch, quantity: str, **counts: int) -> None:
+    check_posterior_inputs(model, guide, batch, **counts)
     if quantity not in QUANTITIES:
         raise ValueError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
     if quantity == "heldout" and not bool(heldin_only(batch).mask.ne(batch.mask).any()):
         raise ValueError("quantity='heldout': the batch has no held-out neurons or forward bins in its mask, "
                          "nothing to predict from the held-in spikes")
-    for obj, attr, size in ((model, "n_neurons", batch.n_neurons), (guide, "n_heldin", batch.n_heldin)):
-        have = getattr(obj, attr, None)
-        if isinstance(have, int) and have != size:
-            raise BatchError(f"batch: {size} {'neurons' if attr == 'n_neurons' else 'held-in neurons'} but "
-                             f"{'the model' if attr == 'n_neurons' else 'the guide'} has {attr}={have}")
 
 
 @torch.no_grad()
@@ -467,10 +455,8 @@ def log_evidence(
     -------
     Evidence
     """
-    _check_inputs(model, guide, batch, num_particles, quantity)
-    for name, value in (("batch_size", batch_size), ("max_tiled", max_tiled)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    _check_inputs(model, guide, batch, quantity, num_particles=num_particles, batch_size=batch_size,
+                  max_tiled=max_tiled)
     start_time = time.perf_counter()
     modules = [m for m in (model, guide) if isinstance(m, torch.nn.Module)]
     chunk_size = min(batch_size, max_tiled)
