@@ -21,8 +21,9 @@ particle) and ``mlp`` (a learned MLP potential); same guide, budget and seed for
 For every fit the evidence is computed with K guide draws per trial (``--particles``) for two
 quantities from the same draws: ``joint`` (log p(x) of all of a trial's counts: the number to
 compare priors with) and ``heldout`` (log p(held-out neurons and forward bins | held-in spikes):
-the co-smoothing analogue). ``--check-k`` also scores each dataset's first fit with 2K draws and
-reports how far the total moved against its standard error.
+the co-smoothing analogue). ``--k-trend 250,1000,4000`` rescores the fold-0 fits of every prior
+(reloaded from their ``best.pt``) with each K, so one sees whether the totals and their differences
+still move with K (``k_trend.json`` and a table).
 
 Outputs in ``--out``: ``results.json`` (per-trial numbers of every fit, written after each),
 ``compare.csv`` (one row per dataset, fold, quantity and model, and pooled rows with fold
@@ -62,7 +63,8 @@ from pyro_langevin.data.splits import build_training_batch, kfold_indices, split
 from pyro_langevin.evidence import Evidence, compare, format_compare, log_evidence
 from pyro_langevin.options import ArgumentParser, OptionError, add_run_arguments, check_run_options, positive_int
 from pyro_langevin.plots import plot_evidence_compare
-from pyro_langevin.spec import RunSpec, build
+from pyro_langevin.checkpoints import restore_checkpoint
+from pyro_langevin.spec import RunSpec, build, run_meta
 from pyro_langevin.training import fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--folds", type=positive_int, default=None,
                    help="folds over the 75 MC_Maze_Small training trials (default 3, quick 2; at least 2)")
     p.add_argument("--particles", type=positive_int, default=None, help="guide draws per trial K (default 1000, quick 50)")
-    p.add_argument("--check-k", action="store_true", help="also score each dataset's first fit with 2K draws")
+    p.add_argument("--k-trend", default=None,
+                   help="comma-separated K values: rescore each dataset's fold-0 fits with each (e.g. 250,1000,4000)")
     p.add_argument("--data-dir", type=Path, default=ROOT / "tests" / "data",
                    help="folder holding mc_maze_small-05ms-val/ or the DANDI files (default: the repository's tests/data)")
     return p.parse_args(argv)
@@ -114,7 +117,6 @@ class Task:
     select: Batch
     evidence: Batch
     metric_fn: Callable | None = None
-    check_k: bool = False
 
     @property
     def key(self) -> str:
@@ -171,24 +173,52 @@ def run_task(task: Task, args: argparse.Namespace, out: Path, device, particles:
     last = ckpt / "last.pt"
     result = fit(model, guide, task.train, task.select, fit_cfg, device=device, metric_fn=task.metric_fn,
                  checkpoint_dir=ckpt, resume=last if args.resume and last.is_file() else None,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, meta=run_meta(spec, task.train.n_neurons, task.train.n_heldin))
     model.cpu()
     guide.cpu()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # k-hat is in the record and the table
         ev = log_evidence(model, guide, task.evidence, particles, quantity="heldout", seed=args.seed,
                           progress=not args.no_progress)
-        check = None
-        if args.check_k and task.check_k:
-            ev2 = log_evidence(model, guide, task.evidence, 2 * particles, seed=args.seed + 1)
-            check = {"K": particles, "2K": 2 * particles, "elpd_K": ev.joint.total(), "elpd_2K": ev2.total(),
-                     "change": ev2.total() - ev.joint.total(), "se": ev.joint.summary()["se_nats"],
-                     "mc_se_K": ev.joint.summary()["mc_se_nats"], "mc_se_2K": ev2.summary()["mc_se_nats"],
-                     "seconds_2K": ev2.seconds}
     return {"key": task.key, "dataset": task.dataset, "fold": task.fold, "prior": task.prior,
             "fit_seconds": result.seconds, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
             "evidence_seconds": ev.seconds, "n_fit_trials": task.train.n_trials, "n_evidence_trials": task.evidence.n_trials,
-            "joint": ev.joint.to_dict(), "heldout": ev.to_dict(), "k_check": check}
+            "joint": ev.joint.to_dict(), "heldout": ev.to_dict()}
+
+
+def k_trend(tasks: list[Task], ks: list[int], args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
+    """Each dataset's fold-0 fits, reloaded from ``best.pt``, scored with every K (joint quantity):
+    the totals, and the paired difference of each prior to the best at each K."""
+    rows = []
+    for task in (t for t in tasks if t.fold == 0):
+        model, guide = build(task.spec, task.train.n_neurons, task.train.n_heldin)
+        restore_checkpoint(out / task.key / "checkpoints" / "best.pt", model, guide)
+        for k in ks:
+            print(f"== k-trend {task.key}: K={k}", file=sys.stderr, flush=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                ev = log_evidence(model, guide, task.evidence, k, seed=args.seed + k, progress=not args.no_progress)
+            rows.append({"dataset": task.dataset, "prior": task.prior, "K": k, "evidence": ev.to_dict(),
+                         **{key: ev.summary()[key] for key in ("elpd_nats", "se_nats", "mc_se_nats", "khat_max",
+                                                               "frac_khat_gt_0_7", "seconds")}})
+    return rows
+
+
+def format_k_trend(rows: list[dict[str, Any]]) -> str:
+    """Per dataset and K: each prior's total and its paired difference to the best at that K."""
+    lines = ["| dataset | K | " + " | ".join(["prior", "elpd", "d_elpd to best +- dse", "k>0.7", "seconds"]) + " |",
+             "|" + "---|" * 7]
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        for k in sorted({r["K"] for r in rows if r["dataset"] == dataset}):
+            mine = [r for r in rows if r["dataset"] == dataset and r["K"] == k]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                table = compare({r["prior"]: Evidence.from_dict(r["evidence"]) for r in mine})
+            for prior, c in table.iterrows():
+                sec = next(r["seconds"] for r in mine if r["prior"] == prior)
+                lines.append(f"| {dataset} | {k} | {prior} | {c['elpd']:.1f} | {c['d_elpd']:.1f} +- {c['dse']:.1f} "
+                             f"| {c['frac_khat_gt_0_7']:.2f} | {sec:.1f} |")
+    return "\n".join(lines)
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
@@ -264,6 +294,12 @@ def run(args: argparse.Namespace, session: Session) -> dict[str, Any]:
     if folds < 2:
         raise OptionError(f"--folds must be at least 2, got {folds}")
     particles = args.particles or (50 if args.quick else 1000)
+    try:
+        ks = [int(k) for k in args.k_trend.split(",") if k.strip()] if args.k_trend else []
+    except ValueError:
+        raise OptionError(f"--k-trend: expected comma-separated integers, got {args.k_trend!r}") from None
+    if any(k < 1 for k in ks):
+        raise OptionError(f"--k-trend: every K must be >= 1, got {args.k_trend!r}")
     opts = session.options = check_run_options(args, "compare")
     out, device = opts.out, opts.device
     if "mc_maze_small" in datasets and not args.data_dir.exists():
@@ -274,8 +310,6 @@ def run(args: argparse.Namespace, session: Session) -> dict[str, Any]:
         tasks += lorenz_tasks(args, priors, args.epochs)
     if "mc_maze_small" in datasets:
         tasks += mc_maze_tasks(args, priors, args.epochs, folds)
-    for dataset in datasets:  # --check-k: the first fit of each dataset
-        next(t for t in tasks if t.dataset == dataset).check_k = True
     for i, task in enumerate(tasks):
         if any(r["key"] == task.key for r in rows):
             print(f"== {task.key}: finished in the earlier run (kept)", file=sys.stderr, flush=True)
@@ -295,6 +329,18 @@ def run(args: argparse.Namespace, session: Session) -> dict[str, Any]:
                   "```", format_compare(table), "```", ""]
     (out / "table.md").write_text("\n".join(lines))
     print("\n".join(lines), file=sys.stderr)
+    trend: list[dict[str, Any]] = []
+    if args.k_trend:
+        path = out / "k_trend.json"
+        trend = json.loads(path.read_text()) if args.resume and path.is_file() else []
+        done = {(r["dataset"], r["prior"], r["K"]) for r in trend}
+        todo = [k for k in ks if any((t.dataset, t.prior, k) not in done for t in tasks if t.fold == 0)]
+        trend += [r for r in k_trend(tasks, todo, args, out) if (r["dataset"], r["prior"], r["K"]) not in done]
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(trend))
+        text = format_k_trend(trend)
+        (out / "k_trend.md").write_text(text + "\n")
+        print(text, file=sys.stderr)
     figure = None
     if pooled:
         fig = plot_evidence_compare(pooled, title="priors weighed by held-out log evidence")
@@ -304,7 +350,7 @@ def run(args: argparse.Namespace, session: Session) -> dict[str, Any]:
         "out": str(out), "particles": particles, "folds": folds, "csv": str(out / "compare.csv"),
         "figure": None if figure is None else str(figure),
         "fits": [{k: r[k] for k in ("key", "fit_seconds", "best_epoch", "epochs_run", "evidence_seconds")} for r in rows],
-        "k_check": [r["k_check"] for r in rows if r.get("k_check")],
+        "k_trend": [{k: r[k] for k in r if k != "evidence"} for r in trend],
         "pooled": {d: t.reset_index()[["model", "elpd", "se", "d_elpd", "dse", "khat_max", "frac_khat_gt_0_7",
                                        "bits_per_spike"]].to_dict("records") for d, t in pooled.items()},
         "fold_spread": fold_spread(frame),

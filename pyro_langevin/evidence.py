@@ -187,7 +187,8 @@ class Evidence:
             "nats_per_spike": elpd / spikes if spikes else float("nan"),
             "bits_per_spike": _bits_per_spike(elpd, float(self.null_log_lik.sum()), spikes),
             "khat_max": float(np.nanmax(self.khat)) if np.isfinite(self.khat).any() else float("nan"),
-            "frac_khat_gt_0_7": float(self.flagged.mean()), "ess_median": float(np.median(self.ess)),
+            "frac_khat_gt_0_7": float(self.flagged.mean()) if np.isfinite(self.khat).any() else float("nan"),
+            "ess_median": float(np.median(self.ess)),
             "seconds": float(self.seconds),
         }
 
