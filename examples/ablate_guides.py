@@ -17,7 +17,8 @@ uses; the non-amortized mean-field guide is fitted to their held-in spikes with 
   test-time inference on the test trials with the model frozen and held-out neurons hidden).
 
 The evidence of a model does not depend on the guide; only the estimate's quality does. So a second
-table (``--fixed-model``, default the ``gru`` variant's model) fits every guide to ONE fixed model
+table (``--fixed-model``, default the ``gru`` and ``bigru`` variants' models, each in turn) fits every
+guide to ONE fixed model
 (frozen) and estimates that model's evidence with each: good proposals must agree (within their
 Monte Carlo error), poor ones (k-hat > 0.7) fall short. ``--check-k`` also scores every variant with
 2K draws and records how far the total moved.
@@ -43,7 +44,7 @@ import math
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,44 +52,27 @@ from pyro.infer import TraceMeanField_ELBO
 
 from pyro_langevin.atomic import atomic_path
 from pyro_langevin.batch import Batch
-from pyro_langevin.checkpoints import restore_checkpoint
 from pyro_langevin.console import Session, run_command
 from pyro_langevin.data.lorenz import make_lorenz
 from pyro_langevin.evidence import Evidence, compare, log_evidence
-from pyro_langevin.guides import (
-    AutoregressiveGuide,
-    BiGRUGuide,
-    GRUGuide,
-    InitialStateGuide,
-    MeanFieldGuide,
-)
-from pyro_langevin.models import LangevinFlow
+from pyro_langevin.metrics import bits_per_spike, rate_r2
 from pyro_langevin.options import ArgumentParser, OptionError, add_run_arguments, check_run_options, positive_int
 from pyro_langevin.plots import plot_evidence_compare
 from pyro_langevin.posterior import eval_mode, posterior_rates
-from pyro_langevin.training import FitConfig, fit
+from pyro_langevin.spec import GUIDES, FitConfig, RunSpec, build, load_run, run_meta
+from pyro_langevin.training import fit
 
-from pyro_langevin.metrics import bits_per_spike, rate_r2
-
-GuideFactory = Callable[[LangevinFlow, int, int, int], torch.nn.Module]
-
-#: name -> (model options, guide factory(model, n_heldin, n_trials, n_observed_bins))
-GUIDES: dict[str, GuideFactory] = {
-    "gru": lambda m, n_in, n_tr, t: GRUGuide(m, n_in, hidden=64),
-    "bigru": lambda m, n_in, n_tr, t: BiGRUGuide(m, n_in, hidden=64),
-    "initial_state": lambda m, n_in, n_tr, t: InitialStateGuide(m, n_in, hidden=64),
-    "meanfield": lambda m, n_in, n_tr, t: MeanFieldGuide(m, n_tr, t),
-    "autoregressive": lambda m, n_in, n_tr, t: AutoregressiveGuide(m, n_in, hidden=64, mlp_hidden=64),
-    "autoregressive_flow": lambda m, n_in, n_tr, t: AutoregressiveGuide(m, n_in, hidden=64, mlp_hidden=64, flow=True),
-}
+#: Guide variants: every guide of the run spec's registry (``guide.name``), fitted with the default prior.
+GUIDE_VARIANTS: list[str] = list(GUIDES)
+#: Prior variants: dotted keys of the run spec, fitted with the GRU guide.
 PRIORS: dict[str, dict[str, Any]] = {
-    "prior_zero": {"potential": "zero"},
-    "prior_quadratic": {"potential": "quadratic"},
-    "prior_mlp": {"potential": "mlp"},
-    "prior_learn_gamma_sigma": {"learn_gamma": True, "learn_sigma": True},
-    "prior_overdamped": {"overdamped": True},
+    "prior_zero": {"model.potential": "zero"},
+    "prior_quadratic": {"model.potential": "quadratic"},
+    "prior_mlp": {"model.potential": "mlp"},
+    "prior_learn_gamma_sigma": {"model.learn_gamma": True, "model.learn_sigma": True},
+    "prior_overdamped": {"model.overdamped": True},
 }
-VARIANTS: list[str] = [*GUIDES, *PRIORS]
+VARIANTS: list[str] = [*GUIDE_VARIANTS, *PRIORS]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,9 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--particles", type=positive_int, default=None,
                    help="guide draws per test trial for the log evidence (default 1000, quick 50)")
     p.add_argument("--check-k", action="store_true", help="also estimate every evidence with twice the draws")
-    p.add_argument("--fixed-model", default="gru",
-                   help=f"the variant whose fitted model every guide is refitted to (one of {','.join(VARIANTS)}), "
-                        "or 'none' to skip that table")
+    p.add_argument("--fixed-model", default="gru,bigru",
+                   help="comma-separated variants whose fitted models every guide is refitted to, each in turn "
+                        "(default gru,bigru), or 'none' to skip those tables")
     return p.parse_args(argv)
 
 
@@ -175,22 +159,20 @@ def split_validation(valid: Batch, seed: int) -> tuple[Batch, Batch]:
     return valid[perm[:half].sort().values], valid[perm[half:].sort().values]
 
 
-def fit_config(epochs: int, seed: int) -> FitConfig:
-    return FitConfig(
-        epochs=epochs, batch_size=64, lr=5e-3, weight_decay=1e-5,
-        kl_ramp=0.25, weight_decay_ramp=0.25,
-        val_every=max(1, epochs // 10), seed=seed,
-    )
-
-
-def build_variant(name: str, data, latent_dim: int) -> tuple[LangevinFlow, torch.nn.Module, str, dict[str, Any]]:
-    """The model and guide of a variant (model options of PRIORS, guide of GUIDES; default GRU)."""
-    model_kwargs = PRIORS.get(name, {})
-    guide_name = name if name in GUIDES else "gru"
+def base_spec(data, epochs: int, seed: int, latent_dim: int) -> RunSpec:
+    """The one budget every variant shares (the GRU guide and the default prior)."""
     n_total = int(max(data.train.index.max(), data.valid.index.max())) + 1
-    model = LangevinFlow(data.train.n_neurons, latent_dim=latent_dim, dt=0.1, **model_kwargs)
-    guide = GUIDES[guide_name](model, data.train.n_heldin, n_total, data.train.n_observed_bins)
-    return model, guide, guide_name, model_kwargs
+    return RunSpec().override({
+        "model.latent_dim": latent_dim, "model.dt": 0.1, "guide.name": "gru", "guide.hidden": 64,
+        "guide.n_trials": n_total, "guide.n_observed_bins": data.train.n_observed_bins,
+        "fit.epochs": epochs, "fit.batch_size": 64, "fit.lr": 5e-3, "fit.weight_decay": 1e-5, "fit.kl_ramp": 0.25,
+        "fit.weight_decay_ramp": 0.25, "fit.val_every": max(1, epochs // 10), "fit.seed": seed,
+    })
+
+
+def variant_spec(name: str, base: RunSpec) -> RunSpec:
+    """``base`` with the variant's guide (``guide.name``) or prior (model keys)."""
+    return base.override(PRIORS[name] if name in PRIORS else {"guide.name": name})
 
 
 def score_evidence(model, guide, test: Batch, particles: int, seed: int, check_k: bool) -> dict[str, Any]:
@@ -210,15 +192,16 @@ def score_evidence(model, guide, test: Batch, particles: int, seed: int, check_k
 
 def run_variant(name: str, data, test: Batch, select: Batch, args: argparse.Namespace, epochs: int, device,
                 latent_dim: int, particles: int, out: Path) -> dict[str, Any]:
-    torch.manual_seed(args.seed)
-    model, guide, guide_name, model_kwargs = build_variant(name, data, latent_dim)
-    config = fit_config(epochs, args.seed)
+    spec = variant_spec(name, base_spec(data, epochs, args.seed, latent_dim))
+    model, guide = build(spec, data.train.n_neurons, data.train.n_heldin)
+    config, guide_name = spec.fit, spec.guide.name
     amortized = guide_name != "meanfield"
     progress = not args.no_progress
     # The mean-field guide has no parameters trained for the held-out trials during fit, so its
     # validation loss would not select anything meaningful: it keeps the final state instead.
     result = fit(model, guide, data.train, select if amortized else None, config, device=device, progress=progress,
-                 checkpoint_dir=out / "variants" / name / "checkpoints")
+                 checkpoint_dir=out / "variants" / name / "checkpoints",
+                 meta=run_meta(spec, data.train.n_neurons, data.train.n_heldin))
     seconds = result.seconds
     if not amortized:
         seconds += infer_trials(model, guide, test, config, device, progress)
@@ -231,7 +214,7 @@ def run_variant(name: str, data, test: Batch, select: Batch, args: argparse.Name
     return {
         "variant": name,
         "guide": guide_name,
-        "prior": {k: v for k, v in model_kwargs.items()} or {"potential": "oscillators"},
+        "prior": {k.split(".", 1)[1]: v for k, v in PRIORS.get(name, {}).items()} or {"potential": "oscillators"},
         "epochs": epochs,
         "train_loss": result.history[-1]["loss"],
         "valid_elbo_per_bin": elbo_per_bin(model, guide, test),
@@ -253,14 +236,13 @@ def _rows(batch: Batch, subset: Batch) -> np.ndarray:
 def fixed_model_rows(base: str, data, test: Batch, select: Batch, args: argparse.Namespace, epochs: int, device,
                      latent_dim: int, particles: int, out: Path) -> list[dict[str, Any]]:
     """Every guide refitted to the frozen model of variant ``base``; that one model's evidence under each."""
-    model, base_guide, _, _ = build_variant(base, data, latent_dim)
-    restore_checkpoint(out / "variants" / base / "checkpoints" / "best.pt", model, base_guide, best=True)
+    model, _, spec, _ = load_run(out / "variants" / base / "checkpoints", "best")
     rows = []
-    for name in GUIDES:
-        torch.manual_seed(args.seed)
-        n_total = int(max(data.train.index.max(), data.valid.index.max())) + 1
-        guide = GUIDES[name](model, data.train.n_heldin, n_total, data.train.n_observed_bins)
-        config = fit_config(epochs, args.seed)
+    for name in GUIDE_VARIANTS:
+        with torch.random.fork_rng(devices=[]):  # as build() seeds a guide, but for the loaded model
+            torch.manual_seed(spec.fit.seed)
+            guide = spec.override({"guide.name": name}).guide.build(model, data.train.n_heldin)
+        config = spec.fit
         print(f"== fixed model {base}: guide {name}", file=sys.stderr, flush=True)
         if name == "meanfield":
             seconds = infer_trials(model, guide, test, config, device, not args.no_progress)
@@ -314,8 +296,9 @@ def format_fixed_table(rows: list[dict[str, Any]], n_bins: int) -> str:
 def run(args: argparse.Namespace, session: Session) -> dict[str, Any]:
     """Check the options, fit every chosen variant not yet finished; return the results."""
     names = chosen_variants(args.only)
-    if args.fixed_model != "none" and args.fixed_model not in names:
-        raise OptionError(f"--fixed-model {args.fixed_model!r} is not among the variants run ({','.join(names)}); "
+    fixed_models = [] if args.fixed_model == "none" else [m.strip() for m in args.fixed_model.split(",") if m.strip()]
+    if any(m not in names for m in fixed_models):
+        raise OptionError(f"--fixed-model {args.fixed_model!r}: each must be among the variants run ({','.join(names)}); "
                           "name one of them, or 'none'")
     epochs = args.epochs or (2 if args.quick else 40)
     particles = args.particles or (50 if args.quick else 1000)
@@ -342,13 +325,14 @@ def run(args: argparse.Namespace, session: Session) -> dict[str, Any]:
     table = format_table(rows, test.n_bins)
     fixed: list[dict[str, Any]] = []
     tables = {"every variant, own guide": evidence_table(rows, "variant")}
-    if args.fixed_model != "none":
-        session.interrupt_note = lambda: f"interrupted while refitting guides to the {args.fixed_model} model"
-        fixed = fixed_model_rows(args.fixed_model, data, test, select, args, epochs, device, latent_dim, particles, out)
+    for base in fixed_models:
+        session.interrupt_note = lambda: f"interrupted while refitting guides to the {base} model"
+        mine = fixed_model_rows(base, data, test, select, args, epochs, device, latent_dim, particles, out)
+        fixed += mine
         with atomic_path(out / "fixed_model.json") as tmp:
             tmp.write_text(json.dumps(fixed, indent=1))
-        table += "\n\n" + format_fixed_table(fixed, test.n_bins)
-        tables[f"{args.fixed_model} model, every guide"] = evidence_table(fixed, "guide")
+        table += "\n\n" + format_fixed_table(mine, test.n_bins)
+        tables[f"{base} model, every guide"] = evidence_table(mine, "guide")
     (out / "table.md").write_text(table + "\n")
     fig = plot_evidence_compare(tables, title=f"held-out log evidence of {test.n_trials} Lorenz test trials (K={particles})")
     fig.savefig(out / "evidence.png", dpi=120, bbox_inches="tight")

@@ -147,7 +147,7 @@ def mc_maze_tasks(args: argparse.Namespace, priors: list[str], epochs: int | Non
     from pyro_langevin.nlb.coarse import coarsen_batch
     from pyro_langevin.nlb.config import default_config
     from pyro_langevin.nlb.data import load_nlb
-    from pyro_langevin.nlb.pipeline import cobps_metric
+    from pyro_langevin.nlb.members import cobps_metric
 
     data = load_nlb("mc_maze_small", args.data_dir, bin_ms=5, phase="val")
     train20 = coarsen_batch(data.train, 4)  # training trials only; the validation trials are never read
