@@ -258,7 +258,9 @@ def tables(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, dict[str, pd.DataF
                     table = compare(models)
                 if quantity == "joint" and (fold == "all" or len(groups) == 1):
                     pooled_joint[dataset] = table
-                frames.append(table.reset_index().assign(dataset=dataset, fold=fold, quantity=quantity))
+                row = table.reset_index().assign(dataset=dataset, fold=fold, quantity=quantity)
+                row.attrs = {}
+                frames.append(row)
     frame = pd.concat(frames, ignore_index=True)[CSV_COLUMNS] if frames else pd.DataFrame(columns=CSV_COLUMNS)
     return frame, pooled_joint
 

@@ -531,7 +531,7 @@ def compare(
         same draws' ELBO, summed), ``gap`` = ``elpd - elbo``; ``mc_se``: Monte Carlo error of
         ``elpd``; ``nats_per_spike``, ``bits_per_spike`` (above NLB's per-neuron mean-rate null
         model) and ``d_bits_per_spike`` (``d_elpd`` per spike, bits); ``n_trials``,
-        ``num_particles``. ``attrs`` holds ``quantity`` and the ``per_trial`` log evidence.
+        ``num_particles``. ``attrs`` holds ``quantity`` and the ``per_trial`` log evidence (lists).
     """
     if not models:
         raise ValueError("models: give at least one name -> (model, guide) or Evidence")
@@ -578,7 +578,7 @@ def compare(
     table = pd.DataFrame.from_dict(rows, orient="index")[COMPARE_COLUMNS]
     table.index.name = "model"
     table.attrs["quantity"] = first.quantity
-    table.attrs["per_trial"] = {name: results[name].log_evidence for name in order}
+    table.attrs["per_trial"] = {name: results[name].log_evidence.tolist() for name in order}
     return table
 
 
