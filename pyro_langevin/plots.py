@@ -323,7 +323,14 @@ def plot_evidence_compare(tables: Mapping[str, pd.DataFrame], title: str = "held
         ax.set_yticks(y, list(table.index))
         ax.set_ylim(y[-1] - 0.6, 0.6)
         n = int(table["n_trials"].iloc[0])
-        ax.set_xlabel(f"relative to the best evidence (nats, sum over {n} held-out trials)")
+        shown = np.abs(np.concatenate([table["d_elpd"], table["elbo"] - best]))
+        typical = float(np.median(shown[shown > 0])) if (shown > 0).any() else 1.0
+        scale = ""
+        if shown.max() > 8 * typical:  # one far-off model would flatten the rest: log beyond the typical
+            ax.set_xscale("symlog", linthresh=typical)
+            ax.set_xlim(-1.5 * shown.max(), 0.5 * typical)
+            scale = "; symmetric log axis"
+        ax.set_xlabel(f"relative to the best evidence\n(nats, sum over {n} held-out trials{scale})")
         ax.set_title(f"{name} ({table.attrs.get('quantity', 'joint')} log evidence)", fontsize=10)
     handles = [
         Line2D([], [], marker="o", color="0.3", ls="-", label="log evidence - best, +- s.e. of the paired difference"),
