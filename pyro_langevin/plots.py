@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 import matplotlib
 
@@ -25,6 +25,9 @@ with warnings.catch_warnings():
 
 from pyro_langevin.checks import neuron_statistics, observed_and_draws, psth, randomized_pit  # noqa: E402
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 __all__ = [
     "plot_rates_and_latents",
     "plot_rootogram",
@@ -32,6 +35,7 @@ __all__ = [
     "plot_fano",
     "plot_pit",
     "plot_credible_intervals",
+    "plot_evidence_compare",
     "save_ppc_figures",
 ]
 
@@ -283,6 +287,60 @@ def plot_credible_intervals(
     axes[0, 0].legend(fontsize=8, loc="upper right")
     fig.suptitle(f"Posterior of trial {trial}: mean and {int(summary.prob * 100)}% credible interval", fontsize=11)
     fig.tight_layout()
+    return fig
+
+
+def plot_evidence_compare(tables: Mapping[str, pd.DataFrame], title: str = "held-out log evidence"):
+    """One panel per comparison table of :func:`pyro_langevin.evidence.compare` (as ``az.plot_compare``).
+
+    Each model (best at the top) shows its evidence relative to the best model with the standard
+    error of the paired per-trial difference (``-d_elpd +- dse``, filled), its ELBO on the same
+    draws relative to the same best evidence (open square: the distance between them is the
+    guide's gap), and in red a model with trials whose k-hat exceeds 0.7 (estimate not trusted).
+
+    Parameters
+    ----------
+    tables : mapping of panel title -> DataFrame
+        Outputs of :func:`~pyro_langevin.evidence.compare` (columns ``d_elpd``, ``dse``, ``elpd``,
+        ``elbo``, ``warning``, ``n_trials``).
+    title : str
+        Figure title.
+    """
+    from matplotlib.lines import Line2D
+
+    rows = max(len(t) for t in tables.values())
+    height = 1.9 + 0.45 * rows
+    fig, axes = plt.subplots(1, len(tables), figsize=(5.2 * len(tables), height), squeeze=False)
+    for ax, (name, table) in zip(axes[0], tables.items()):
+        table = table.sort_values("rank")
+        best = float(table["elpd"].iloc[0])
+        y = -np.arange(len(table), dtype=float)
+        colours = ["tab:red" if w else "tab:blue" for w in table["warning"]]
+        for yi, d, e, elbo, c in zip(y, table["d_elpd"], table["dse"], table["elbo"], colours):
+            ax.errorbar(-d, yi, xerr=e, fmt="o", color=c, capsize=3, zorder=3)
+            ax.plot(elbo - best, yi, "s", mfc="none", mec=c, zorder=3)
+        ax.axvline(0.0, color="0.6", lw=0.8, ls="--")
+        ax.set_yticks(y, list(table.index))
+        ax.set_ylim(y[-1] - 0.6, 0.6)
+        n = int(table["n_trials"].iloc[0])
+        shown = np.abs(np.concatenate([table["d_elpd"], table["elbo"] - best]))
+        typical = float(np.median(shown[shown > 0])) if (shown > 0).any() else 1.0
+        scale = ""
+        if shown.max() > 8 * typical:  # one far-off model would flatten the rest: log beyond the typical
+            ax.set_xscale("symlog", linthresh=typical)
+            ax.set_xlim(-1.5 * shown.max(), 0.5 * typical)
+            scale = "; symmetric log axis"
+        ax.set_xlabel(f"relative to the best evidence\n(nats, sum over {n} held-out trials{scale})")
+        ax.set_title(f"{name} ({table.attrs.get('quantity', 'joint')} log evidence)", fontsize=10)
+    handles = [
+        Line2D([], [], marker="o", color="0.3", ls="-", label="log evidence - best, +- s.e. of the paired difference"),
+        Line2D([], [], marker="s", mfc="none", mec="0.3", ls="none", label="ELBO of the same draws - best evidence"),
+        Line2D([], [], marker="o", color="tab:blue", ls="none", label="k-hat <= 0.7 on every trial"),
+        Line2D([], [], marker="o", color="tab:red", ls="none", label="k-hat > 0.7 on some trial (not trusted)"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.55 / height, 1, 1))
     return fig
 
 

@@ -10,7 +10,7 @@ from pyro import poutine
 
 from pyro_langevin.batch import Batch, BatchError
 
-__all__ = ["posterior_means", "posterior_rates", "eval_mode"]
+__all__ = ["posterior_means", "posterior_rates", "eval_mode", "check_posterior_inputs"]
 
 
 class eval_mode:
@@ -29,14 +29,22 @@ class eval_mode:
             m.train(mode)
 
 
-def _check_posterior_inputs(model: Callable, guide: Callable, batch: Batch, n_samples: int, batch_size: int) -> None:
+def check_posterior_inputs(model: Callable, guide: Callable, batch: Batch, **counts: int) -> None:
+    """Check ``batch`` (a valid :class:`Batch` whose sizes agree with the model's ``n_neurons`` and
+    the guide's ``n_heldin``) and that each of ``counts`` (``n_samples=...``) is an int >= 1.
+
+    Raises
+    ------
+    TypeError, BatchError, ValueError
+        Each naming the field.
+    """
     if not isinstance(batch, Batch):
         raise TypeError(f"batch: expected a Batch (see pyro_langevin.make_batch), got {type(batch).__name__}")
     try:
         batch.validate()
     except BatchError as exc:
         raise BatchError(f"batch.{exc}") from exc
-    for name, value in (("n_samples", n_samples), ("batch_size", batch_size)):
+    for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     n_model = getattr(model, "n_neurons", None)
@@ -204,7 +212,7 @@ def posterior_means(
     FloatingPointError
         A non-finite draw (with ``check_finite``).
     """
-    _check_posterior_inputs(model, guide, batch, n_samples, batch_size)
+    check_posterior_inputs(model, guide, batch, n_samples=n_samples, batch_size=batch_size)
     for name, value in (("max_tiled", max_tiled), ("draws_per_pass", draws_per_pass)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")

@@ -6,7 +6,9 @@
   Draws are taken in chunks of samples and of trials, so memory per call stays bounded.
 * :func:`to_inference_data` / :func:`predictive_checks` package the draws for ArviZ: groups
   ``prior`` and ``prior_predictive``, ``posterior`` (latents ``z`` and ``rates``),
-  ``posterior_predictive`` (``spikes``), ``observed_data`` (``spikes``, NaN where the batch mask is
+  ``posterior_predictive`` (``spikes``), ``log_likelihood`` (``spikes``: the Poisson log-likelihood
+  of each observed count under each posterior draw's rates, so ``az.loo`` / ``az.waic`` run on it;
+  see :func:`pointwise_log_likelihood`), ``observed_data`` (``spikes``, NaN where the batch mask is
   False) and ``constant_data`` (``mask``). Dims are ``(trial, time, neuron)`` and
   ``(trial, time, latent)``; ``trial`` coordinates are the batch's trial ids.
 * :func:`credible_intervals`: posterior means and equal-tailed credible intervals of rates and
@@ -28,6 +30,7 @@ import torch
 import pyro
 from pyro import poutine
 from pyro.infer import Predictive
+from scipy.special import gammaln, xlogy
 
 from pyro_langevin.batch import Batch
 from pyro_langevin.posterior import eval_mode
@@ -43,6 +46,7 @@ __all__ = [
     "predictive_checks",
     "save_netcdf",
     "credible_intervals",
+    "pointwise_log_likelihood",
     "CredibleSummary",
     "SITE_DIMS",
 ]
@@ -226,11 +230,42 @@ def _group(draws: Optional[dict[str, np.ndarray]], names: Sequence[str]) -> Opti
     return picked or None
 
 
+def pointwise_log_likelihood(rates: np.ndarray, batch: Batch) -> np.ndarray:
+    """Poisson log-likelihood of every observed count of ``batch`` under every draw's rates.
+
+    Parameters
+    ----------
+    rates : array, shape (S, trial, time, neuron)
+        Posterior (or prior) draws of the rates, expected counts per bin (``posterior["rates"]``).
+    batch : Batch
+        The observed counts (``target``) and which of them are data (``mask``).
+
+    Returns
+    -------
+    ndarray, shape (S, trial, time, neuron), float32
+        ``log Poisson(x | rate)`` in nats; NaN where ``batch.mask`` is False (no data there: select
+        the observed block, e.g. ``idata.isel(time=slice(0, T), neuron=slice(0, n_heldin))``, before
+        ``az.loo`` when the batch masks entries).
+    """
+    rates = np.asarray(rates)
+    if rates.ndim != 4 or rates.shape[1:] != tuple(batch.target.shape):
+        raise ValueError(f"rates: expected shape (S, {', '.join(map(str, batch.target.shape))}), got {rates.shape}")
+    mask = batch.mask.detach().cpu().numpy()
+    x = np.where(mask, batch.target.detach().cpu().numpy(), 0.0).astype(np.float64)
+    log_factorial = gammaln(x + 1.0)
+    out = np.empty(rates.shape, dtype=np.float32)
+    for s in range(rates.shape[0]):  # one draw at a time: float64 temporaries of one draw only
+        r = rates[s].astype(np.float64)
+        out[s] = np.where(mask, xlogy(x, r) - r - log_factorial, np.nan)
+    return out
+
+
 def to_inference_data(
     batch: Optional[Batch] = None,
     prior: Optional[dict[str, np.ndarray]] = None,
     posterior: Optional[dict[str, np.ndarray]] = None,
     attrs: Optional[dict[str, Any]] = None,
+    log_likelihood: Optional[np.ndarray] = None,
 ) -> az.InferenceData:
     """Package predictive draws (one chain) and the observed batch as ``arviz.InferenceData``.
 
@@ -247,6 +282,9 @@ def to_inference_data(
         sites to ``posterior``.
     attrs : dict, optional
         Extra attributes (``n_heldin`` and ``n_observed_bins`` are added from ``batch``).
+    log_likelihood : array, shape (S, trial, time, neuron), optional
+        Pointwise log-likelihood of the observed counts under the posterior draws
+        (:func:`pointwise_log_likelihood`): the ``log_likelihood`` group (variable ``spikes``).
 
     Returns
     -------
@@ -258,6 +296,7 @@ def to_inference_data(
         "prior_predictive": _group(prior, ("spikes",)),
         "posterior": _group(posterior, latent),
         "posterior_predictive": _group(posterior, ("spikes",)),
+        "log_likelihood": None if log_likelihood is None else {"spikes": np.asarray(log_likelihood)[None]},
     }
     coords: dict[str, Any] = {}
     attrs = dict(attrs or {})
@@ -302,10 +341,18 @@ def predictive_checks(
     seed: Optional[int] = 0,
     sample_chunk: int = 25,
     trial_chunk: int = 256,
+    log_likelihood: bool = True,
 ) -> az.InferenceData:
     """Prior and (when ``guide`` is given) posterior predictive draws for ``batch`` as InferenceData.
 
     The prior is drawn for as many trials and bins as ``batch`` has, so the groups line up.
+
+    With a guide, the ``log_likelihood`` group holds the Poisson log-likelihood of every observed
+    count under every posterior draw (NaN where ``batch.mask`` is False), so that ``az.loo(idata)``
+    and ``az.waic(idata)`` run on it. The draws come from the guide ``q(z | held-in spikes)``, not
+    from an exact posterior, and the model's parameters are point estimates: PSIS-LOO here is
+    conditional on the guide (docs/evidence.md). To compare priors, use
+    :func:`pyro_langevin.evidence.compare` on trials the fit never used.
 
     Parameters
     ----------
@@ -320,18 +367,24 @@ def predictive_checks(
         Seeds Pyro's RNG before the prior draws.
     sample_chunk, trial_chunk : int
         Streaming sizes for the posterior draws.
+    log_likelihood : bool
+        Add the ``log_likelihood`` group (needs a guide; S x the batch's size in float32).
 
     Returns
     -------
     arviz.InferenceData
         Groups ``prior``, ``prior_predictive``, ``observed_data``, ``constant_data`` and, with a
-        guide, ``posterior`` and ``posterior_predictive``.
+        guide, ``posterior``, ``posterior_predictive`` and ``log_likelihood``.
     """
     prior = prior_predictive(model, batch.n_trials, batch.n_bins, n_prior_samples or n_samples, seed=seed)
-    post = None
+    post, log_lik = None, None
     if guide is not None:
-        post = posterior_predictive(model, guide, batch, n_samples, sample_chunk=sample_chunk, trial_chunk=trial_chunk)
-    return to_inference_data(batch, prior, post)
+        sites = ("spikes", "rates", "z")
+        post = posterior_predictive(model, guide, batch, n_samples, sites, sample_chunk=sample_chunk,
+                                    trial_chunk=trial_chunk)
+        if log_likelihood:
+            log_lik = pointwise_log_likelihood(post["rates"], batch)
+    return to_inference_data(batch, prior, post, log_likelihood=log_lik)
 
 
 def save_netcdf(idata: az.InferenceData, path: Union[str, Path]) -> Path:
