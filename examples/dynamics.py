@@ -43,6 +43,10 @@ MOVE_ONSET_MS = 250
 JPCA_WINDOW_MS = (-50, 150)
 #: Reach direction: angle of the mean hand velocity over this window after movement onset, ms.
 DIRECTION_WINDOW_MS = (0, 300)
+#: Directions with fewer trials are left out of condition averages (spectra, rotations).
+MIN_TRIALS_PER_CONDITION = 3
+#: Gaussian s.d. of the spike smoothing before the data's own rotation fit, ms.
+PSTH_SMOOTHING_MS = 20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -97,7 +101,10 @@ def _features(paths: dyn.LatentPaths, stop: int) -> np.ndarray:
 def _common(model, guide, batch, paths_fn, conditions, args, timer: _Timer, n_draws: int) -> Dict[str, Any]:
     """The readout steps every dataset shares: paths, modes, energy, flow field, interventions."""
     paths = timer("posterior-mean paths", paths_fn)
-    modes = timer("normal modes", lambda: dyn.normal_modes(model))
+    # exact stiffness at the origin for the oscillators; the Hessian averaged over posterior states otherwise
+    states = None if hasattr(model.potential, "stiffness_matrix") else \
+        torch.as_tensor(paths.z.reshape(-1, paths.z.shape[-1])[::7], device=next(model.parameters()).device)
+    modes = timer("normal modes", lambda: dyn.normal_modes(model, states))
     energy = timer("energy and forces", lambda: dyn.energy_and_forces(model, paths))
     flow = timer("flow field", lambda: dyn.flow_field(model, paths, grid_size=13 if args.quick else 21))
     ref = next(model.parameters())
@@ -117,7 +124,7 @@ def _interventions_json(suite: Dict[str, Any]) -> Dict[str, Any]:
             **{k: v.summary() for k, v in suite["interventions"].items()}}
 
 
-def run_lorenz(args: argparse.Namespace, out: Path, timer: _Timer) -> Dict[str, Any]:
+def run_lorenz(args: argparse.Namespace, timer: _Timer) -> Dict[str, Any]:
     """The readout of a run of ``examples/lorenz.py``."""
     from pyro_langevin.data.lorenz import make_lorenz
 
@@ -151,7 +158,10 @@ def run_lorenz(args: argparse.Namespace, out: Path, timer: _Timer) -> Dict[str, 
     per_coord = {c: dyn.power_spectrum(states[..., [i]], bin_s, segment_bins=256).peak_hz for i, c in enumerate("xyz")}
     trial_spec = dyn.power_spectrum(data.valid_latents, bin_s)
     psth_spec = dyn.psth_power_spectrum(data.valid.target.numpy()[:, :n], bin_s, conditions)
-    rot = timer("rotation fit", lambda: dyn.rotation_fit(dyn.condition_average(paths.z, conditions), bin_s))
+    rots = timer("rotation fits", lambda: {
+        "latent_z": dyn.rotation_fit(dyn.condition_average(paths.z, conditions), bin_s),
+        "latent_state_zv": dyn.rotation_fit(dyn.condition_average(dyn.phase_space(paths.z, paths.v), conditions), bin_s),
+        "true_lorenz_state": dyn.rotation_fit(dyn.condition_average(data.valid_latents, conditions), bin_s)})
     readout_s = time.perf_counter() - t0
 
     figures = {
@@ -161,8 +171,8 @@ def run_lorenz(args: argparse.Namespace, out: Path, timer: _Timer) -> Dict[str, 
         "energy": dplots.plot_energy(res["energy"], n_observed_bins=n),
         "flow": dplots.plot_flow_field(res["flow"], conditions, title="Lorenz: learned potential on the top-2 PC "
                                        "plane, validation trials coloured by initial condition"),
-        "rotation": dplots.plot_rotation(rot, paths.time_ms, title="Lorenz: condition-averaged latent paths in the "
-                                         "top rotational plane"),
+        "rotation": dplots.plot_rotation(rots, title="Lorenz: condition-averaged paths of the validation trials in "
+                                               "each fit's top rotational plane"),
         "alignment": dplots.plot_state_alignment(
             data.valid_latents, align_zv.predicted, paths.time_ms[:n], trials=(0, data.valid.n_trials // 3,
                                                                                  2 * data.valid.n_trials // 3),
@@ -183,7 +193,7 @@ def run_lorenz(args: argparse.Namespace, out: Path, timer: _Timer) -> Dict[str, 
         "psth_spectrum": psth_spec.summary(),
         "energy": res["energy"].summary(), "force_share_per_time": res["energy"].force_share_per_time[:n],
         "flow": res["flow"].summary(),
-        "rotation": rot.summary(),
+        "rotation": {k: v.summary() for k, v in rots.items()},
         "alignment": {"ridge_train_to_valid_zv": align_zv.summary(), "ridge_train_to_valid_z": align_z.summary(),
                       "grouped_cv_over_valid_conditions_zv": align_cv.summary()},
         "interventions": _interventions_json(res["suite"]),
@@ -200,14 +210,13 @@ def _nlb_folder(args: argparse.Namespace) -> Path:
     return args.run
 
 
-def _soft_normalised_psth(counts: np.ndarray, conditions: np.ndarray, bin_s: float, sd_ms: float = 20.0) -> np.ndarray:
-    """Condition-averaged smoothed spikes in Hz, each neuron divided by (its range + 5 Hz) as in jPCA."""
-    rates = dyn.condition_average(smooth_spikes(counts, sd_ms / 1000 / bin_s), conditions) / bin_s
-    span = rates.max(axis=(0, 1)) - rates.min(axis=(0, 1))
-    return rates / (span + 5.0)
+def _soft_normalise(rates_hz: np.ndarray) -> np.ndarray:
+    """Each neuron of (condition, time, neuron) rates in Hz divided by (its range + 5 Hz), as jPCA does."""
+    span = rates_hz.max(axis=(0, 1)) - rates_hz.min(axis=(0, 1))
+    return rates_hz / (span + 5.0)
 
 
-def run_nlb_readout(args: argparse.Namespace, out: Path, timer: _Timer) -> Dict[str, Any]:
+def run_nlb_readout(args: argparse.Namespace, timer: _Timer) -> Dict[str, Any]:
     """The readout of member ``--member`` of a run of ``examples/nlb.py`` on an MC_Maze dataset."""
     from pyro_langevin.nlb.coarse import coarsen_data
     from pyro_langevin.nlb.data import load_nlb
@@ -242,40 +251,62 @@ def run_nlb_readout(args: argparse.Namespace, out: Path, timer: _Timer) -> Dict[
     paths, modes = res["paths"], res["modes"]
     time_ms = paths.time_ms - MOVE_ONSET_MS  # bin starts, from movement onset
 
+    # Condition averages (spectra, rotations) use the directions with enough trials to average.
+    kept = [c for c in np.unique(conditions) if (conditions == c).sum() >= MIN_TRIALS_PER_CONDITION]
+    avg = np.isin(conditions, kept)
     fine_counts = data.train.target.numpy()[:, :data.train.n_observed_bins]
-    psth_spec = timer("PSTH spectrum", lambda: dyn.psth_power_spectrum(fine_counts, bin_ms / 1000, conditions))
+    psth_spec = timer("PSTH spectrum", lambda: dyn.psth_power_spectrum(fine_counts[avg], bin_ms / 1000, conditions[avg]))
     velocity = batch.behavior.cpu().numpy()[:, :n]
-    dec_zv = timer("velocity decoding", lambda: dyn.cross_validated_decode(_features(paths, n), velocity, 5, args.seed))
-    dec_z = dyn.cross_validated_decode(paths.z[:, :n], velocity, 5, args.seed)
 
-    in_window = (time_ms[:n] >= JPCA_WINDOW_MS[0]) & (time_ms[:n] <= JPCA_WINDOW_MS[1])
-    z_avg = dyn.condition_average(paths.z[:, :n], conditions)
+    def decoders() -> Dict[str, dyn.Decoding]:
+        return {"latent_state_zv": dyn.cross_validated_decode(_features(paths, n), velocity, 5, args.seed),
+                "latent_z": dyn.cross_validated_decode(paths.z[:, :n], velocity, 5, args.seed),
+                "model_log_rates": dyn.cross_validated_decode(np.log(paths.rates[:, :n]), velocity, 5, args.seed)}
+
+    decs = timer("velocity decoding", decoders)
     fine_t = np.arange(fine_counts.shape[1]) * bin_ms - MOVE_ONSET_MS
-    fine_window = (fine_t >= JPCA_WINDOW_MS[0]) & (fine_t <= JPCA_WINDOW_MS[1])
-    psth_norm = _soft_normalised_psth(fine_counts, conditions, bin_ms / 1000)
+    sources = {  # name -> (condition-averaged series (condition, time, dims), bin starts from onset in ms, bin in s)
+        "latent_z": (dyn.condition_average(paths.z[avg, :n], conditions[avg]), time_ms[:n], bin_s),
+        "latent_state_zv": (dyn.condition_average(dyn.phase_space(paths.z, paths.v)[avg, :n], conditions[avg]),
+                            time_ms[:n], bin_s),
+        "model_rates": (_soft_normalise(dyn.condition_average(paths.rates[avg, :n], conditions[avg]) / bin_s),
+                        time_ms[:n], bin_s),
+        "data_psth": (_soft_normalise(dyn.condition_average(
+            smooth_spikes(fine_counts[avg], PSTH_SMOOTHING_MS / bin_ms), conditions[avg]) / (bin_ms / 1000)),
+            fine_t, bin_ms / 1000),
+    }
 
     def rotations() -> Dict[str, dyn.RotationFit]:
-        return {"latent_z_movement_window": dyn.rotation_fit(z_avg[:, in_window], bin_s),
-                "latent_z_whole_trial": dyn.rotation_fit(z_avg, bin_s),
-                "data_psth_movement_window": dyn.rotation_fit(psth_norm[:, fine_window], bin_ms / 1000),
-                "data_psth_whole_trial": dyn.rotation_fit(psth_norm, bin_ms / 1000)}
+        out = {}
+        for name, (x, t, b) in sources.items():
+            window = (t >= JPCA_WINDOW_MS[0]) & (t <= JPCA_WINDOW_MS[1])
+            out[f"{name}_movement_window"] = dyn.rotation_fit(x[:, window], b)
+            out[f"{name}_whole_trial"] = dyn.rotation_fit(x, b)
+        return out
 
     rots = timer("rotation fits", rotations)
     readout_s = time.perf_counter() - t0
+    z_avg = sources["latent_z"][0]
     mean, comps, _ = dyn.principal_components(z_avg.reshape(-1, z_avg.shape[-1]), 2)
     avg_2d = (z_avg - mean) @ comps.T
-    labels = [names[c] for c in np.unique(conditions)]
+    labels = [names[int(c)] for c in kept]
     counts = {names[int(c)]: int((conditions == c).sum()) for c in np.unique(conditions)}
+    shown = {k: rots[f"{k}_movement_window"] for k in ("latent_z", "latent_state_zv", "model_rates", "data_psth")}
+    palette = dplots.direction_palette(args.directions)
     figures = {
-        "modes": dplots.plot_modes(modes, psth_spec, spectrum_label="PSTH power (5 ms spikes, per direction)"),
+        "modes": dplots.plot_modes(modes, psth_spec, spectrum_label="PSTH power (5 ms spikes, per direction)",
+                                   reference_hz=rots["latent_state_zv_movement_window"].frequency_hz,
+                                   reference_label="top jPCA plane of the latent state [z, v]"),
         "energy": dplots.plot_energy(res["energy"], time_ms, event_ms=0.0, n_observed_bins=n),
-        "flow": dplots.plot_flow_field(res["flow"], conditions, names, cyclic=True,
+        "flow": dplots.plot_flow_field(res["flow"], conditions, names, cyclic=True, palette=palette,
                                        title=f"{dataset}: learned potential on the top-2 PC plane, training trials "
                                              "coloured by reach direction"),
-        "rotation": dplots.plot_rotation(rots["latent_z_movement_window"], time_ms[:n][in_window], labels, cyclic=True,
-                                         title=f"{dataset}: condition-averaged latents (8 directions), top "
-                                               "rotational plane"),
-        "decoding": dplots.plot_velocity_decoding(dec_zv, velocity, time_ms[:n], conditions, names, avg_2d, event_ms=0.0),
+        "rotation": dplots.plot_rotation(shown, kept, names, cyclic=True, palette=palette,
+                                         title=f"{dataset}: condition-averaged paths ({len(kept)} reach directions), "
+                                               f"{JPCA_WINDOW_MS[0]} to {JPCA_WINDOW_MS[1]} ms from movement onset, "
+                                               "in each fit's top rotational plane"),
+        "decoding": dplots.plot_velocity_decoding(decs["latent_state_zv"], velocity, time_ms[:n], conditions, names,
+                                                  avg_2d, event_ms=0.0, avg_conditions=kept, palette=palette),
         "interventions": dplots.plot_interventions(res["suite"]["interventions"], res["suite"]["baseline_psth_hz"],
                                                    time_ms, event_ms=0.0),
     }
@@ -293,9 +324,11 @@ def run_nlb_readout(args: argparse.Namespace, out: Path, timer: _Timer) -> Dict[
             "after_onset_0_450_ms": float(np.nanmean(share_t[:n][time_ms[:n] >= 0])),
         },
         "flow": res["flow"].summary(),
-        "rotation": {k: v.summary() for k, v in rots.items()} | {"window_ms": JPCA_WINDOW_MS},
-        "velocity_decoding": {"cross_validated_zv": dec_zv.summary() | {"r2_per_time": dec_zv.r2_per_time},
-                              "cross_validated_z": dec_z.summary()},
+        "rotation": {k: v.summary() for k, v in rots.items()} | {
+            "window_ms": JPCA_WINDOW_MS, "directions_averaged": labels,
+            "data_psth": f"spikes smoothed with a {PSTH_SMOOTHING_MS} ms s.d. Gaussian; every series soft-normalised "
+                         "(divided by its range + 5 Hz) as in jPCA, except the latents"},
+        "velocity_decoding": {k: d.summary() | {"r2_per_time": d.r2_per_time} for k, d in decs.items()},
         "interventions": _interventions_json(res["suite"]),
         "readout_seconds": round(readout_s, 1),
     }, figures
@@ -308,13 +341,16 @@ def run(args: argparse.Namespace, session: Session) -> Dict[str, Any]:
     opts = session.options = check_run_options(args, f"dynamics-{args.data}")
     timer = _Timer()
     print(f"reading the dynamics of {args.run} ...", file=sys.stderr, flush=True)
-    summary, figures = (run_lorenz if args.data == "lorenz" else run_nlb_readout)(args, opts.out, timer)
-    summary["step_seconds"] = timer.seconds
-    summary["torch_threads"] = torch.get_num_threads()
+    t0 = time.perf_counter()
+    summary, figures = (run_lorenz if args.data == "lorenz" else run_nlb_readout)(args, timer)
     summary["figures"] = sorted(str(dplots.save(fig, opts.out / f"{name}.png")) for name, fig in figures.items())
+    summary["step_seconds"] = timer.seconds
+    summary["total_seconds"] = round(time.perf_counter() - t0, 1)  # loading, readout and figures
+    summary["torch_threads"] = torch.get_num_threads()
     text = json.dumps(dyn.jsonable(summary))
     (opts.out / "dynamics.json").write_text(json.dumps(dyn.jsonable(summary), indent=2))
-    print(f"wrote {opts.out / 'dynamics.json'} and {len(figures)} figures; readout {summary['readout_seconds']} s")
+    print(f"wrote {opts.out / 'dynamics.json'} and {len(figures)} figures; readout {summary['readout_seconds']} s, "
+          f"with loading and figures {summary['total_seconds']} s")
     print(text)
     return summary
 

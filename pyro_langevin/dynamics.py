@@ -48,7 +48,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence
 
 import numpy as np
@@ -71,7 +71,7 @@ __all__ = [
     "PowerSpectrum", "power_spectrum", "psth_power_spectrum",
     "mean_path", "LatentPaths", "latent_paths", "Energetics", "energy_and_forces",
     "FlowField", "flow_field", "prior_rollout",
-    "RotationFit", "rotation_fit", "condition_average",
+    "RotationFit", "rotation_fit", "condition_average", "phase_space",
     "Decoding", "ridge_decode", "cross_validated_decode",
     "PriorResponse", "prior_response", "with_stiffness", "decoupled", "without_site", "strongest_site",
     "dominant_mode", "Intervention", "intervention_suite", "reach_direction",
@@ -225,9 +225,9 @@ def normal_modes(model: Any, states: Optional[torch.Tensor] = None) -> NormalMod
     model : LangevinFlow
         Needs ``model.potential`` and ``model.dynamics`` (damping, noise, mass, dt).
     states : tensor (N, D), optional
-        Posterior positions at which to average the autograd Hessian, for potentials without an
-        exact ``stiffness_matrix`` (MLP, ...); ignored by those that have one... unless given, in
-        which case the Hessian is averaged there for every potential.
+        Posterior positions over which to average the autograd Hessian (for any potential; use it
+        for those without an exact ``stiffness_matrix``, such as the MLP). Without it: the exact
+        ``stiffness_matrix`` where the potential has one, else the Hessian at the origin.
 
     Returns
     -------
@@ -630,6 +630,15 @@ def flow_field(model: Any, paths: LatentPaths, grid_size: int = 21, margin: floa
 
 
 # ----- rotations (jPCA) ----------------------------------------------------------------------------
+def phase_space(z: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The Langevin state ``[z, v]`` (..., 2 D) with position and velocity each divided by its root
+    mean square, so that neither block outweighs the other in a PCA (a single oscillator turns in
+    the (z_i, v_i) plane, not in z alone)."""
+    z, v = np.asarray(z, dtype=np.float64), np.asarray(v, dtype=np.float64)
+    rms = lambda x: float(np.sqrt(np.mean(x**2))) or 1.0  # noqa: E731
+    return np.concatenate([z / rms(z), v / rms(v)], axis=-1)
+
+
 @dataclass
 class RotationFit(_Summary):
     """A jPCA-style fit of ``dx/dt = M x`` on condition-averaged paths.

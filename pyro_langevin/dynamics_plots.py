@@ -22,7 +22,7 @@ from pyro_langevin.dynamics import (  # noqa: E402
 )
 
 __all__ = [
-    "save", "plot_modes", "plot_energy", "plot_flow_field", "plot_rotation", "plot_state_alignment",
+    "save", "direction_palette", "plot_modes", "plot_energy", "plot_flow_field", "plot_rotation", "plot_state_alignment",
     "plot_velocity_decoding", "plot_interventions",
 ]
 
@@ -36,13 +36,23 @@ def save(fig: "plt.Figure", path: Union[str, Path], dpi: int = 100) -> Path:
     return path
 
 
-def _condition_colours(conditions: Optional[Sequence], n: int, cyclic: bool) -> tuple[list, list, list]:
-    """Per-trial colours, and the sorted labels with their colours (for a legend)."""
+def direction_palette(n_directions: int) -> dict:
+    """Colours of reach-direction labels 0 .. n - 1 on a colour wheel (the same in every figure)."""
+    cmap = plt.get_cmap("hsv")
+    return {k: cmap(0.9 * k / n_directions) for k in range(n_directions)}
+
+
+def _condition_colours(conditions: Optional[Sequence], n: int, cyclic: bool,
+                       palette: Optional[Mapping] = None) -> tuple[list, list, list]:
+    """Per-trial colours, and the sorted labels with their colours (for a legend); ``palette``
+    (label -> colour) fixes them across figures."""
     labels = np.zeros(n, dtype=int) if conditions is None else np.asarray(conditions)
     uniq = list(np.unique(labels))
     cmap = plt.get_cmap("hsv" if cyclic else "viridis")
     denom = len(uniq) if cyclic else max(len(uniq) - 1, 1)
     colour_of = {u: cmap(k / denom * (0.9 if cyclic else 1.0)) for k, u in enumerate(uniq)}
+    if palette is not None:
+        colour_of.update({u: palette[u] for u in uniq if u in palette})
     return [colour_of[c] for c in labels], uniq, [colour_of[u] for u in uniq]
 
 
@@ -108,14 +118,15 @@ def plot_energy(en: Energetics, time_ms: Optional[np.ndarray] = None, event_ms: 
     ax = axes[0]
     _band(ax, t, en.kinetic_energy, "C0", "kinetic m|v|^2/2")
     _band(ax, t, en.potential_energy, "C1", "potential U(z)")
-    ax.axhline(en.equipartition_kinetic_energy, color="C0", ls=":", lw=1, label="prior mean kinetic D T / 2")
+    ax.axhline(en.equipartition_kinetic_energy, color="0.3", ls=":", lw=1,
+               label="equilibrium mean D T / 2 (kinetic; potential too if U is quadratic)")
     _event(ax, event_ms, event_label)
     if n_observed_bins is not None and n_observed_bins < len(t):
         ax.axvspan(t[n_observed_bins], t[-1], color="0.9", label="forward bins (no data)")
     ax.set_xlabel("time (ms)")
     ax.set_ylabel("energy (model units)")
     ax.set_title("Energy along posterior-mean paths (mean +- s.d. over trials)", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2)
     ax = axes[1]
     ax.plot(t, en.force_share_per_time, "C2", lw=1.5, label="potential / (potential + guide), over trials")
     ax.set_ylim(0, 1.02)
@@ -139,7 +150,8 @@ def plot_energy(en: Energetics, time_ms: Optional[np.ndarray] = None, event_ms: 
 
 
 def plot_flow_field(flow: FlowField, conditions: Optional[Sequence] = None, condition_names: Optional[Mapping] = None,
-                    cyclic: bool = False, max_paths: int = 40, title: str = "") -> "plt.Figure":
+                    cyclic: bool = False, max_paths: int = 40, title: str = "",
+                    palette: Optional[Mapping] = None) -> "plt.Figure":
     """Energy contours and force arrows of the potential on the top-2 PC plane, posterior paths
     (solid, dot at the start) and noise-free prior rollouts from the same starts (dashed), coloured
     by condition."""
@@ -151,7 +163,7 @@ def plot_flow_field(flow: FlowField, conditions: Optional[Sequence] = None, cond
     scale = np.where(norm > 0, norm, 1.0) ** 0.5  # arrow length ~ sqrt(|F|): direction stays readable
     ax.quiver(xx, yy, flow.force_pc1 / scale, flow.force_pc2 / scale, color="0.35", width=0.003)
     n = flow.paths.shape[0]
-    colours, uniq, ucol = _condition_colours(conditions, n, cyclic)
+    colours, uniq, ucol = _condition_colours(conditions, n, cyclic, palette)
     rng = np.random.default_rng(0)
     shown = np.sort(rng.choice(n, size=min(n, max_paths), replace=False))
     for i in shown:
@@ -174,29 +186,34 @@ def plot_flow_field(flow: FlowField, conditions: Optional[Sequence] = None, cond
     return fig
 
 
-def plot_rotation(rot: RotationFit, time_ms: Optional[np.ndarray] = None, condition_names: Optional[Sequence] = None,
-                  cyclic: bool = False, title: str = "") -> "plt.Figure":
-    """Condition-averaged paths in the top rotational (jPCA) plane, with the fit's R^2 and frequency."""
-    fig, ax = plt.subplots(figsize=(6.4, 5.6), constrained_layout=True)
-    c = rot.projection.shape[0]
-    colours, _, _ = _condition_colours(list(range(c)), c, cyclic)
-    for k in range(c):
-        p = rot.projection[k]
-        label = None if condition_names is None else str(condition_names[k])
-        ax.plot(*p.T, color=colours[k], lw=1.5, label=label)
-        ax.plot(*p[0], "o", color=colours[k], ms=4)
-        ax.annotate("", xy=p[-1], xytext=p[-2], arrowprops=dict(arrowstyle="->", color=colours[k], lw=1.5))
-    ax.set_xlabel("jPC 1 (latent units)")
-    ax.set_ylabel("jPC 2 (latent units)")
-    ax.set_aspect("equal", adjustable="datalim")
-    span = "" if time_ms is None else f", {time_ms[0]:.0f} to {time_ms[-1]:.0f} ms"
-    text = (f"R^2 skew {rot.r2_skew:.2f}, full {rot.r2_full:.2f} (ratio {rot.skew_to_full_ratio:.2f})\n"
-            f"top plane {rot.frequency_hz:.2f} Hz (period {rot.period_ms:.0f} ms), "
-            f"{100 * rot.plane_variance_share:.0f}% of variance")
-    ax.set_title((title or f"Condition-averaged latent paths in the top rotational plane{span}") + "\n" + text,
-                 fontsize=9)
-    if condition_names is not None and c <= 12:
-        ax.legend(fontsize=7, title="condition (dot: start)", title_fontsize=7)
+def plot_rotation(fits: Mapping[str, RotationFit], conditions: Optional[Sequence] = None,
+                  condition_names: Optional[Mapping] = None, cyclic: bool = False, title: str = "",
+                  palette: Optional[Mapping] = None) -> "plt.Figure":
+    """Condition-averaged paths in the top rotational (jPCA) plane of each fit, one panel per fit,
+    with the fit's R^2 (skew-symmetric and unconstrained) and the plane's frequency.
+
+    ``conditions``: the label of each averaged path (rows of ``projection``, sorted labels)."""
+    fig, axes = plt.subplots(1, len(fits), figsize=(4.6 * len(fits), 4.9), constrained_layout=True, squeeze=False)
+    for ax, (name, rot) in zip(axes[0], fits.items()):
+        c = rot.projection.shape[0]
+        labels = list(range(c)) if conditions is None else list(conditions)
+        colours, _, _ = _condition_colours(labels, c, cyclic, palette)
+        for k in range(c):
+            p = rot.projection[k]
+            label = None if conditions is None else str((condition_names or {}).get(labels[k], labels[k]))
+            ax.plot(*p.T, color=colours[k], lw=1.5, label=label)
+            ax.plot(*p[0], "o", color=colours[k], ms=4)
+            ax.annotate("", xy=p[-1], xytext=p[-2], arrowprops=dict(arrowstyle="->", color=colours[k], lw=1.5))
+        ax.set_xlabel("jPC 1 (units of the series)")
+        ax.set_ylabel("jPC 2")
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.set_title(f"{name.replace('_', ' ')}\nR^2 skew {rot.r2_skew:.2f}, full {rot.r2_full:.2f} "
+                     f"(ratio {rot.skew_to_full_ratio:.2f})\ntop plane {rot.frequency_hz:.2f} Hz, "
+                     f"{100 * rot.plane_variance_share:.0f}% of variance", fontsize=9)
+    if conditions is not None and len(conditions) <= 12:
+        fig.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=7, title="condition (dot: start)",
+                   title_fontsize=7, loc="outside right center")
+    fig.suptitle(title or "Condition-averaged paths in the top rotational plane", fontsize=10)
     return fig
 
 
@@ -227,24 +244,28 @@ def plot_state_alignment(truth: np.ndarray, aligned: np.ndarray, time_ms: np.nda
 
 def plot_velocity_decoding(dec: Decoding, velocity: np.ndarray, time_ms: np.ndarray, conditions: Sequence,
                            condition_names: Optional[Mapping] = None, latent_paths_2d: Optional[np.ndarray] = None,
-                           event_ms: Optional[float] = None, event_label: str = "movement onset") -> "plt.Figure":
+                           event_ms: Optional[float] = None, event_label: str = "movement onset",
+                           avg_conditions: Optional[Sequence] = None, palette: Optional[Mapping] = None) -> "plt.Figure":
     """Hand-velocity decoding from latents on held-out trials: R^2 over time, condition-averaged
     true and decoded hand paths (velocity integrated over time), and condition-averaged latent
-    paths on their top two PCs (``latent_paths_2d``, (condition, time, 2))."""
+    paths on their top two PCs (``latent_paths_2d``, (condition, time, 2), one row per entry of
+    ``avg_conditions``, the conditions averaged: default all)."""
     n_panels = 3 if latent_paths_2d is not None else 2
     fig, axes = plt.subplots(1, n_panels, figsize=(5 * n_panels, 4.2), constrained_layout=True)
     ax = axes[0]
     ax.plot(time_ms, dec.r2_per_time, "C0", lw=1.5, label="R^2 across held-out trials at each bin")
     ax.axhline(dec.r2, color="C0", ls=":", label=f"all bins pooled: {dec.r2:.2f}")
     _event(ax, event_ms, event_label)
-    ax.set_ylim(min(-0.2, float(np.nanmin(dec.r2_per_time))), 1.0)
+    ax.set_ylim(-1.0, 1.0)  # bins where the velocity hardly varies over trials (before onset) fall far below
+    ax.text(0.02, 0.03, "while the hand is still, R^2 measures nothing\n(values below -1 not shown)",
+            transform=ax.transAxes, fontsize=7, va="bottom")
     ax.set_xlabel("time (ms from trial start)" if event_ms is None else "time (ms)")
     ax.set_ylabel("R^2 (hand velocity x, y)")
     ax.set_title("Hand velocity decoded from latents (cross-validated ridge)", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper right")
     labels = np.asarray(conditions)
-    uniq = np.unique(labels)
-    colours, _, ucol = _condition_colours(uniq, len(uniq), cyclic=True)
+    uniq = np.unique(labels) if avg_conditions is None else np.asarray(avg_conditions)
+    colours, _, _ = _condition_colours(uniq, len(uniq), cyclic=True, palette=palette)
     dt_s = (time_ms[1] - time_ms[0]) / 1000.0
     ax = axes[1]
     for u, col in zip(uniq, colours):
@@ -287,6 +308,7 @@ def plot_interventions(interventions: Mapping[str, Intervention], baseline_psth_
     ax.set_xlabel("time (ms)")
     ax.set_ylabel("|z - z_baseline| (latent units, RMS over trials)")
     ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_ylim(bottom=0)
     ax.set_title("Noise-free prior response to each intervention", fontsize=10)
     ax.legend(fontsize=7)
     ax = axes[1]
@@ -297,8 +319,8 @@ def plot_interventions(interventions: Mapping[str, Intervention], baseline_psth_
     ax.set_ylabel("PSTH change / PSTH modulation (per neuron)")
     ax.set_title("How far each neuron's PSTH moves (RMS over conditions and time)", fontsize=10)
     ax = axes[2]
-    if neuron is None:
-        neuron = int(np.argmax(interventions[names[0]].psth_shift_relative))
+    if neuron is None:  # the neuron whose PSTH moves most (Hz) over all interventions
+        neuron = int(np.argmax(np.sum([interventions[n].psth_shift_hz for n in names], axis=0)))
     ax.plot(time_ms, baseline_psth_hz[condition, :, neuron], "k", lw=2, label="fitted prior (baseline)")
     for k, name in enumerate(names):
         ax.plot(time_ms, interventions[name].psth_hz[condition, :, neuron], color=f"C{k}", lw=1.2, label=name)

@@ -316,4 +316,4 @@ def test_dynamics_example_reads_an_nlb_run(tmp_path, capsys):
     times = summary["time_ms_from_movement_onset"]
     assert times[0] == -250 and len(times) == 35  # 700 ms of 20 ms bins from 250 ms before movement onset
     assert set(summary["rotation"]) >= {"latent_z_movement_window", "data_psth_movement_window"}
-    assert len(summary["velocity_decoding"]["cross_validated_zv"]["r2_per_time"]) == 35
+    assert len(summary["velocity_decoding"]["latent_state_zv"]["r2_per_time"]) == 35
