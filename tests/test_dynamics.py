@@ -295,7 +295,7 @@ def test_dynamics_example_reads_a_lorenz_run(tmp_path, capsys):
 
 
 def test_dynamics_example_reads_an_nlb_run(tmp_path, capsys):
-    from pyro_langevin.nlb import pipeline
+    from pyro_langevin.nlb import members
     from pyro_langevin.nlb.coarse import coarsen_data
     from pyro_langevin.nlb.config import default_config
     from pyro_langevin.nlb.data import load_nlb
@@ -303,9 +303,9 @@ def test_dynamics_example_reads_an_nlb_run(tmp_path, capsys):
     data_dir = ROOT / "tests" / "data"  # real MC_Maze_Small, 5 ms: a one-epoch member at 20 ms, as examples/nlb.py writes it
     fit_data = coarsen_data(load_nlb("mc_maze_small", data_dir, 5, "val"), 20)
     cfg = default_config("mc_maze_small", 20, quick=True, epochs=1)
-    (member,) = pipeline.fold_members(fit_data.train, [fit_data.eval], 1, 0.2, 0, tmp_path / "run")
-    pipeline.train_member(member, cfg, fit_data, progress=False, log=lambda s: None,
-                          meta={"dataset": "mc_maze_small", "bin_ms": 5, "phase": "val", "seed": 0, "fit_bin_ms": 20})
+    (member,) = members.fold_members(fit_data.train, [fit_data.eval], 1, 0.2, 0, tmp_path / "run")
+    members.train_member(member, cfg, fit_data, progress=False, log=lambda s: None,
+                         meta={"dataset": "mc_maze_small", "bin_ms": 5, "phase": "val", "seed": 0, "fit_bin_ms": 20})
     out = tmp_path / "dyn"
     argv = ["--data", "nlb", "--run", str(tmp_path / "run"), "--data-dir", str(data_dir), "--quick", "--out", str(out)]
     assert _example("dynamics").main(argv) == 0
