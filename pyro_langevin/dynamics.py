@@ -60,7 +60,8 @@ from pyro.poutine.subsample_messenger import _Subsample
 from scipy import linalg as sla
 from scipy import signal
 
-from pyro_langevin.batch import Batch
+from pyro_langevin.batch import Batch, BatchError
+from pyro_langevin.models import velocity_site
 from pyro_langevin.posterior import eval_mode
 from pyro_langevin.potentials import FixedStiffnessPotential, Potential
 from pyro_langevin.transition import make_transition
@@ -446,6 +447,10 @@ def latent_paths(
     """
     if path not in ("mean", "sample"):
         raise ValueError(f"path must be 'mean' or 'sample', got {path!r}")
+    if not isinstance(batch, Batch):
+        raise TypeError(f"batch: expected a Batch (see pyro_langevin.make_batch), got {type(batch).__name__}")
+    if getattr(model, "n_neurons", batch.n_neurons) != batch.n_neurons:
+        raise BatchError(f"batch: {batch.n_neurons} neurons but the model was built for {model.n_neurons}")
     parts: Dict[str, List[torch.Tensor]] = {k: [] for k in ("z", "v", "rates", "kick", "force")}
     modules = [m for m in (model, guide) if isinstance(m, torch.nn.Module)]
     with eval_mode(*modules):
@@ -456,7 +461,7 @@ def latent_paths(
             trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(chunk)
             z, v = trace.nodes["z"]["value"], trace.nodes["v"]["value"]
             loc, kick = _kicks(model, z, v)
-            q_mean = torch.stack([_site_mean(guide_trace.nodes[f"v_{t}"]) for t in range(1, z.shape[1])], dim=1)
+            q_mean = torch.stack([_site_mean(guide_trace.nodes[velocity_site(t)]) for t in range(1, z.shape[1])], dim=1)
             pad = torch.zeros_like(z[:, :1])
             parts["z"].append(z)
             parts["v"].append(v)

@@ -317,3 +317,19 @@ def test_dynamics_example_reads_an_nlb_run(tmp_path, capsys):
     assert times[0] == -250 and len(times) == 35  # 700 ms of 20 ms bins from 250 ms before movement onset
     assert set(summary["rotation"]) >= {"latent_z_movement_window", "data_psth_movement_window"}
     assert len(summary["velocity_decoding"]["latent_state_zv"]["r2_per_time"]) == 35
+
+
+def test_bad_input_is_named(tiny):
+    model, batch = tiny
+    with pytest.raises(TypeError, match="batch: expected a Batch"):
+        dyn.latent_paths(model, model, batch.target)
+    with pytest.raises(ValueError, match="path must be"):
+        dyn.latent_paths(model, model, batch, path="median")
+    with pytest.raises(ValueError, match="conditions: expected 12 labels"):
+        dyn.condition_average(np.zeros((12, 5, 2)), [0, 1])
+    with pytest.raises(ValueError, match="x: expected"):
+        dyn.rotation_fit(np.zeros((4, 2, 3)), 0.01)
+    with pytest.raises(ValueError, match="z0, v0"):
+        dyn.prior_response(model, torch.zeros(3, 4), torch.zeros(3, 5), 10)
+    with pytest.raises(ValueError, match="no stiffness matrix"):
+        dyn.decoupled(LangevinFlow(6, latent_dim=4, potential="mlp"))
