@@ -138,14 +138,15 @@ def plot_energy(en: Energetics, time_ms: Optional[np.ndarray] = None, event_ms: 
     ax.set_xlabel("time (ms)")
     ax.set_title(f"Share of velocity change from the potential (overall {en.force_share:.2f})", fontsize=10)
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="lower left")
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17),
+              ncol=2)
     ax = axes[2]
     ax.hist(en.force_share_per_trial, bins=np.linspace(0, 1, 21), color="C2", alpha=0.8, label="trials")
     ax.axvline(en.force_share, color="k", lw=1, label="all trials pooled")
     ax.set_xlabel("force share per trial")
     ax.set_ylabel("trials")
     ax.set_title("Force share per trial", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17))
     return fig
 
 
