@@ -170,7 +170,7 @@ def run_lorenz(args: argparse.Namespace, timer: _Timer) -> Dict[str, Any]:
                                    spectrum_label="spikes' PSTH power (validation trials)"),
         "energy": dplots.plot_energy(res["energy"], n_observed_bins=n),
         "flow": dplots.plot_flow_field(res["flow"], conditions, title="Lorenz: learned potential on the top-2 PC "
-                                       "plane, validation trials coloured by initial condition"),
+                                       "plane,\nvalidation trials coloured by initial condition"),
         "rotation": dplots.plot_rotation(rots, title="Lorenz: condition-averaged paths of the validation trials in "
                                                "each fit's top rotational plane"),
         "alignment": dplots.plot_state_alignment(
@@ -299,7 +299,7 @@ def run_nlb_readout(args: argparse.Namespace, timer: _Timer) -> Dict[str, Any]:
                                    reference_label="top jPCA plane of the latent state [z, v]"),
         "energy": dplots.plot_energy(res["energy"], time_ms, event_ms=0.0, n_observed_bins=n),
         "flow": dplots.plot_flow_field(res["flow"], conditions, names, cyclic=True, palette=palette,
-                                       title=f"{dataset}: learned potential on the top-2 PC plane, training trials "
+                                       title=f"{dataset}: learned potential on the top-2 PC plane,\ntraining trials "
                                              "coloured by reach direction"),
         "rotation": dplots.plot_rotation(shown, kept, names, cyclic=True, palette=palette,
                                          title=f"{dataset}: condition-averaged paths ({len(kept)} reach directions), "
