@@ -19,8 +19,11 @@ import json
 import sys
 import time
 
+import numpy as np
+
 from pyro_langevin.console import Session, run_command
 from pyro_langevin.data.lorenz import make_lorenz
+from pyro_langevin.dynamics import latent_paths, ridge_decode
 from pyro_langevin.metrics import rate_r2
 from pyro_langevin.options import ArgumentParser, add_run_arguments, add_spec_arguments, check_run_options, spec_overrides
 from pyro_langevin.plots import plot_rates_and_latents
@@ -47,13 +50,12 @@ def run(args: argparse.Namespace, session: Session) -> dict:
         "fit.seed": args.seed,
     })
     spec = spec.override(spec_overrides(args, spec))  # --spec FILE, then --set KEY=VALUE
-    meta = {"script": "lorenz", "quick": args.quick, "seed": args.seed}
+    data_cfg = (dict(n_conditions=20, trials_per_condition=5, n_bins=30) if args.quick
+                else dict(n_conditions=100, trials_per_condition=10, n_bins=50))
+    meta = {"script": "lorenz", "quick": args.quick, "seed": args.seed, "data": data_cfg}  # rebuilds the data
     opts = session.options = check_run_options(args, "lorenz", {**meta, "spec": spec.to_dict()})  # a resume must match
     device = opts.device
-    if args.quick:
-        data = make_lorenz(n_conditions=20, trials_per_condition=5, n_bins=30, seed=args.seed)
-    else:
-        data = make_lorenz(seed=args.seed)
+    data = make_lorenz(seed=args.seed, **data_cfg)
 
     model, guide = build(spec, data.train.n_neurons, data.train.n_heldin)  # initial state seeded by fit.seed
     t0 = time.perf_counter()
@@ -68,8 +70,15 @@ def run(args: argparse.Namespace, session: Session) -> dict:
     width = choose_smoothing_width(data.train.target.numpy(), data.train_rates)
     smoothed = smooth_spikes(spikes, width)
 
+    # The latents drawn beside the true states are mapped onto them (ridge from the posterior-mean
+    # [z, v] of the training trials to their Lorenz states), so the two can be compared by eye.
+    train_paths = latent_paths(model, guide, data.train.to(device))
+    valid_paths = latent_paths(model, guide, data.valid.to(device))
+    aligned = ridge_decode(np.concatenate([train_paths.z, train_paths.v], -1), data.train_latents,
+                           np.concatenate([valid_paths.z, valid_paths.v], -1), data.valid_latents)
+
     metrics = {
-        "langevinflow": {"rate_r2": rate_r2(data.valid_rates, rates)},
+        "langevinflow": {"rate_r2": rate_r2(data.valid_rates, rates), "lorenz_state_r2": aligned.r2},
         "smoothing": {"rate_r2": rate_r2(data.valid_rates, smoothed), "width_bins": width},
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_metric,
@@ -82,7 +91,7 @@ def run(args: argparse.Namespace, session: Session) -> dict:
     }
     n = data.valid.n_trials
     plot_rates_and_latents(opts.out / "lorenz.png", data.valid_rates, rates, spikes, latents,
-                           true_latents=data.valid_latents, baseline_rates=smoothed,
+                           true_latents=data.valid_latents, baseline_rates=smoothed, aligned_latents=aligned.predicted,
                            trials=(0, n // 3, 2 * n // 3),  # trials of different conditions
                            r2={"LangevinFlow": metrics["langevinflow"]["rate_r2"],
                                "smoothing": metrics["smoothing"]["rate_r2"]})

@@ -60,6 +60,7 @@ def plot_rates_and_latents(
     neurons: Sequence[int] = (0, 1, 2, 3),
     baseline_rates: Optional[np.ndarray] = None,
     r2: Optional[Mapping[str, float]] = None,
+    aligned_latents: Optional[np.ndarray] = None,
 ) -> Path:
     """Save a figure: true vs inferred rates for a few neurons and trials, and latent trajectories.
 
@@ -75,6 +76,9 @@ def plot_rates_and_latents(
         A baseline's rates (e.g. smoothed spikes), drawn thin for comparison.
     r2 : mapping, optional
         Headline scores for the title, e.g. ``{"LangevinFlow": 0.977, "smoothing": 0.655}`` (rate R^2).
+    aligned_latents : array, shape (trial, time, 3), optional
+        The latents mapped onto the true states' coordinates (e.g. by
+        :func:`pyro_langevin.dynamics.ridge_decode`); drawn instead of the principal components.
     """
     trials = [t for t in trials if t < true_rates.shape[0]]
     neurons = [n for n in neurons if n < true_rates.shape[2]]
@@ -100,8 +104,12 @@ def plot_rates_and_latents(
             if i == 0 and j == len(trials) - 1:
                 ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
     bottom = grid[len(neurons) :, :].subgridspec(1, n_cols)
-    _latent_panel(fig.add_subplot(bottom[0, 0], projection="3d"), _top_components(latents), trials, colours,
-                  "inferred latents z (top 3 principal components)", ("PC 1", "PC 2", "PC 3"))
+    if aligned_latents is None:
+        _latent_panel(fig.add_subplot(bottom[0, 0], projection="3d"), _top_components(latents), trials, colours,
+                      "inferred latents z (top 3 principal components)", ("PC 1", "PC 2", "PC 3"))
+    else:
+        _latent_panel(fig.add_subplot(bottom[0, 0], projection="3d"), aligned_latents, trials, colours,
+                      "inferred latents mapped to Lorenz coordinates (ridge)", ("x", "y", "z"))
     if true_latents is not None:
         _latent_panel(fig.add_subplot(bottom[0, 1], projection="3d"), true_latents, trials, colours,
                       "true Lorenz states", ("x", "y", "z"))

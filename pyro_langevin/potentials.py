@@ -23,6 +23,7 @@ __all__ = [
     "ZeroPotential",
     "QuadraticPotential",
     "MLPPotential",
+    "FixedStiffnessPotential",
     "make_potential",
 ]
 
@@ -274,6 +275,45 @@ class MLPPotential(Potential):
 
     def energy(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z).squeeze(-1) + 0.5 * self.confinement * (z**2).sum(-1)
+
+
+class FixedStiffnessPotential(Potential):
+    """``U = 0.5 z^T S z + (lambda / 4) sum_i z_i^4`` with a fixed symmetric stiffness ``S`` (no parameters).
+
+    What an intervention on a fitted potential swaps in (:mod:`pyro_langevin.dynamics`): the fitted
+    stiffness with some couplings cut, kept fixed. ``max_omega`` is the square root of the largest
+    eigenvalue, so a model checks the step's stability on it as for the oscillators.
+
+    Parameters
+    ----------
+    stiffness : tensor, shape (D, D)
+        Symmetric stiffness matrix (per time unit squared, times the mass).
+    quartic : float
+        Confining quartic coefficient lambda (0: none).
+    """
+
+    def __init__(self, stiffness: torch.Tensor, quartic: float = 0.0) -> None:
+        stiffness = torch.as_tensor(stiffness)
+        if stiffness.dim() != 2 or stiffness.shape[0] != stiffness.shape[1]:
+            raise ValueError(f"stiffness must be a square matrix, got shape {tuple(stiffness.shape)}")
+        if not torch.allclose(stiffness, stiffness.T, atol=1e-6 * float(stiffness.abs().max().clamp_min(1.0))):
+            raise ValueError("stiffness must be symmetric")
+        if not torch.isfinite(stiffness).all():
+            raise ValueError("stiffness has NaN or infinite entries")
+        super().__init__(stiffness.shape[0])
+        self.register_buffer("stiffness", 0.5 * (stiffness + stiffness.T))
+        self.register_buffer("quartic", torch.tensor(float(quartic), dtype=stiffness.dtype))
+        self.max_omega = float(torch.linalg.eigvalsh(self.stiffness.double()).max().clamp_min(0.0).sqrt())
+
+    def stiffness_matrix(self) -> torch.Tensor:
+        """``S`` (the Hessian of ``U`` at the origin)."""
+        return self.stiffness
+
+    def energy(self, z: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((z @ self.stiffness) * z).sum(-1) + 0.25 * self.quartic * (z**4).sum(-1)
+
+    def force(self, z: torch.Tensor) -> torch.Tensor:
+        return -(z @ self.stiffness) - self.quartic * z**3
 
 
 POTENTIALS = {
