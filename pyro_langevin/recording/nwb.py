@@ -82,8 +82,10 @@ def _ragged(table: Any, name: str) -> List[np.ndarray]:
 
 
 def _open(path: Path):
-    from pynwb import NWBHDF5IO
-
+    try:
+        from pynwb import NWBHDF5IO
+    except ImportError as exc:
+        raise RecordingError(f"{path}: reading NWB files needs pynwb ({exc}): pip install -e '.[recording]'") from None
     if not path.is_file():
         raise RecordingError(f"{path}: file not found")
     try:
