@@ -28,7 +28,7 @@ import multiprocessing
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyro
@@ -36,7 +36,7 @@ import torch
 
 from pyro_langevin.batch import Batch
 from pyro_langevin.data.errors import NLBDataError
-from pyro_langevin.data.splits import build_training_batch, kfold_indices, split_train_valid
+from pyro_langevin.data.splits import TrialSizes, build_training_batch, kfold_indices, split_train_valid
 from pyro_langevin.posterior import posterior_rates
 from pyro_langevin.scoring import Rates, score_local
 from pyro_langevin.spec import FitConfig, RunSpec, SpecError, build, load_run, register_spec_class, run_meta
@@ -94,54 +94,17 @@ class MemberRunSpec(RunSpec):
         return dataclasses.replace(self.fit, seed=seed, **SELECTION)
 
 
-class Trials(Protocol):
-    """What members train on and export rates for: a ``train`` and an ``eval`` batch (same neurons and bins)."""
-
-    train: Batch
-    eval: Optional[Batch]
-
-    @property
-    def n_heldin(self) -> int: ...
-
-    @property
-    def n_neurons(self) -> int: ...
-
-    @property
-    def n_observed_bins(self) -> int: ...
-
-    @property
-    def n_train(self) -> int: ...
-
-    @property
-    def n_eval(self) -> int: ...
+#: What members train on and export rates for: a ``train`` and an ``eval`` batch with their sizes.
+Trials = TrialSizes
 
 
 @dataclass
-class TrialSet:
-    """:class:`Trials` of plain batches: ``train`` (targets known) and ``eval`` (none by default)."""
+class TrialSet(TrialSizes):
+    """:class:`~pyro_langevin.data.splits.TrialSizes` of plain batches: ``train`` (targets known) and
+    ``eval`` (none by default)."""
 
     train: Batch
     eval: Optional[Batch] = None
-
-    @property
-    def n_heldin(self) -> int:
-        return self.train.n_heldin
-
-    @property
-    def n_neurons(self) -> int:
-        return self.train.n_neurons
-
-    @property
-    def n_observed_bins(self) -> int:
-        return self.train.n_observed_bins
-
-    @property
-    def n_train(self) -> int:
-        return self.train.n_trials
-
-    @property
-    def n_eval(self) -> int:
-        return 0 if self.eval is None else self.eval.n_trials
 
 
 def cobps_metric(n_samples: int = 10, seed: int = 0) -> Callable[[Any, Any, Batch], Dict[str, float]]:

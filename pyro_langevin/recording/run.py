@@ -41,7 +41,7 @@ from pyro_langevin.recording.config import RecordingConfig, default_config, size
 from pyro_langevin.recording.data import Recording, RecordingError
 from pyro_langevin.recording.figures import save_figures
 from pyro_langevin.recording.summary import summarize_posterior, to_inference_data
-from pyro_langevin.spec import SpecError, build, load_run, run_meta
+from pyro_langevin.spec import SpecError, build, check_buildable, load_run, run_meta
 from pyro_langevin.training import fit
 
 __all__ = ["recording_config", "run_meta_of", "check_resumable", "cross_validate_recording", "fit_final",
@@ -65,15 +65,8 @@ def recording_config(recording: Recording, overrides: Optional[Mapping[str, Any]
     changes = dict(overrides or {})
     if epochs is not None:
         changes["fit.epochs"] = int(epochs)
-    cfg = default_config(recording.n_trials, recording.n_units, recording.n_bins, recording.bin_ms, quick, changes)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            build(cfg, n_neurons=4, n_heldin=2)
-    except SpecError:
-        raise
-    except Exception as exc:  # whatever the constructors reject, as one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SpecError(f"invalid model setting: {type(exc).__name__}: {first}") from None
+    cfg = check_buildable(default_config(recording.n_trials, recording.n_units, recording.n_bins, recording.bin_ms,
+                                         quick, changes))
     if cfg.cv.folds:
         if recording.n_units < 2:
             raise SpecError(f"cross-validation holds units out, and {recording.source} has {recording.n_units} unit; "
