@@ -274,8 +274,7 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
     d, s = metrics["data"], metrics["spec"]
     lines = [f"== {metrics['source']}",
              f"data     {d['trials']} trials x {d['bins']} bins of {d['bin_ms']:g} ms ({d['time_ms'][0]:g}..{d['time_ms'][1]:g} ms "
-             f"from {d['align']}, bin centres) x {d['units']} units, {d['mean_rate_hz']:.1f} Hz mean"
-             + (f"; {d['padded_trials']} trials padded" if d["padded_trials"] else "")]
+             f"from {d['align']}, bin centres) x {d['units']} units, {d['mean_rate_hz']:.1f} Hz mean"]
     if d["condition"]:
         lines.append(f"         {len(d['conditions'])} conditions of {d['condition']}")
     for note in d["notes"]:
