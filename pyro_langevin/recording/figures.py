@@ -211,7 +211,8 @@ def plot_cv(records: Sequence[Dict[str, Any]], summary: Dict[str, Any]):
     ax.axhline(0.0, color="k", lw=0.6)
     ax.set_ylabel("co-bps on held-out units (bits / spike)")
     d = summary["difference"]["co-bps"]
-    ax.set_title(f"{len(records)}-fold cross-validation: difference {d['mean']:+.3f} +- {d['se']:.3f}", fontsize=10)
+    ax.set_title(f"{len(records)}-fold cross-validation: co-bps difference\n(LangevinFlow - smoothing) "
+                 f"{d['mean']:+.3f} +- {d['se']:.3f}", fontsize=10)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig
