@@ -30,6 +30,7 @@ __all__ = ["example_units", "example_trials", "plot_rasters", "plot_psths", "plo
 
 
 _MAGMA = plt.get_cmap("magma").with_extremes(bad="white")  # padding (NaN) in white
+_GREYS = plt.get_cmap("Greys").with_extremes(bad=(0.85, 0.92, 1.0))  # padding in pale blue
 
 
 def _colours(n: int) -> List[Any]:
@@ -68,14 +69,17 @@ def plot_rasters(recording: Recording, summary: PosteriorSummary, units: Optiona
     for i, u in enumerate(units):
         uid = recording.unit_ids[u]
         ax = axes[i, 0]
-        for y, row in enumerate(order):
-            spikes = np.flatnonzero(recording.counts[row, :, u] > 0)
-            ax.scatter(t[spikes], np.full(spikes.size, y), marker="|", s=12, lw=0.8,
-                       color=colours[summary.trial_condition[row]])
-        ax.set_xlim(*edges)
-        ax.set_ylim(recording.n_trials - 0.5, -0.5)
+        counts = np.where(recording.observed[order], recording.counts[order, :, u], np.nan)
+        top = max(1, int(np.nanmax(counts)))
+        image = ax.imshow(counts, aspect="auto", cmap=_GREYS, interpolation="none", vmin=0, vmax=top,
+                          extent=(edges[0], edges[1], recording.n_trials - 0.5, -0.5))
+        fig.colorbar(image, ax=ax, label=f"spikes per {recording.bin_ms:g} ms bin", ticks=range(top + 1))
+        if len(summary.conditions) > 1:  # condition of each row, as a colour strip on the left
+            starts = np.flatnonzero(np.diff(np.r_[-1, summary.trial_condition[order]]))
+            for y0, y1 in zip(starts, np.r_[starts[1:], recording.n_trials]):
+                ax.axhspan(y0 - 0.5, y1 - 0.5, xmin=0, xmax=0.015, color=colours[summary.trial_condition[order][y0]])
         ax.set_ylabel("trial (by condition)" if len(summary.conditions) > 1 else "trial")
-        ax.set_title(f"unit {uid}: spikes ({recording.mean_rates_hz()[u]:.1f} Hz mean)", fontsize=10)
+        ax.set_title(f"unit {uid}: spike counts ({recording.mean_rates_hz()[u]:.1f} Hz mean)", fontsize=10)
         ax = axes[i, 1]
         image = ax.imshow(summary.rates_mean[order, :, u] * hz, aspect="auto", cmap=_MAGMA, interpolation="none",
                           extent=(edges[0], edges[1], recording.n_trials - 0.5, -0.5))
@@ -87,7 +91,8 @@ def plot_rasters(recording: Recording, summary: PosteriorSummary, units: Optiona
             ax.fill_between(t, summary.rates_lower[row, :, u] * hz, summary.rates_upper[row, :, u] * hz, color=colour,
                             alpha=0.25, lw=0)
             ax.plot(t, summary.rates_mean[row, :, u] * hz, color=colour,
-                    label=f"trial {recording.trial_ids[row]} ({summary.conditions[summary.trial_condition[row]]})")
+                    label=f"trial {recording.trial_ids[row]}" + (f" ({summary.conditions[summary.trial_condition[row]]})"
+                                                                 if len(summary.conditions) > 1 else ""))
             spikes = np.flatnonzero(recording.counts[row, :, u] > 0)  # ticks along the bottom, one row per trial
             ax.scatter(t[spikes], np.full(spikes.size, 0.04 + 0.06 * j), marker="|", s=40, color=colour,
                        transform=ax.get_xaxis_transform())
@@ -99,11 +104,11 @@ def plot_rasters(recording: Recording, summary: PosteriorSummary, units: Optiona
             ax.legend(fontsize=7, loc="upper right")
     for ax in axes[-1]:
         ax.set_xlabel(_time_label(recording))
-    handles = [plt.Line2D([], [], color=c, marker="|", ls="", markersize=10) for c in colours]
+    handles = [plt.matplotlib.patches.Patch(color=c) for c in colours]
     if len(summary.conditions) > 1:
         fig.legend(handles, [f"condition {c}" for c in summary.conditions], loc="lower center",
                    ncol=min(8, len(handles)), fontsize=8, frameon=False)
-    fig.suptitle(f"Spike rasters and inferred rates of the {len(units)} units with the highest mean rate "
+    fig.suptitle(f"Binned spike rasters and inferred rates of the {len(units)} units with the highest mean rate "
                  f"({recording.n_trials} trials, {recording.bin_ms:g} ms bins)", fontsize=12)
     fig.tight_layout(rect=(0, 0.04 if len(summary.conditions) > 1 else 0, 1, 0.97))
     return fig
@@ -146,12 +151,16 @@ def plot_psths(recording: Recording, summary: PosteriorSummary, units: Optional[
     return fig
 
 
-def plot_latents(recording: Recording, summary: PosteriorSummary, components: Optional[Dict[str, np.ndarray]] = None,
-                 trials_per_condition: int = 5):
+def plot_latents(recording: Recording, summary: PosteriorSummary, components: Optional[Dict[str, Any]] = None,
+                 trials_per_condition: Optional[int] = None):
     """Latent paths by condition: the condition-averaged latents on their top principal components,
     as paths in the PC1-PC2 plane (dot: first bin, cross: the alignment event; thin: a few single
-    trials' posterior means on the same components) and over time with their posterior bands."""
+    trials' posterior means on the same components: 5 per condition, 10 without conditions) and over
+    time with their posterior bands. The components are those of the condition averages, or of the
+    single trials when there is one condition (:func:`~pyro_langevin.recording.summary.latent_components`)."""
     pcs = latent_components(summary) if components is None else components
+    if trials_per_condition is None:
+        trials_per_condition = 5 if len(summary.conditions) > 1 else 10
     k = pcs["mean"].shape[-1]
     colours = _colours(len(summary.conditions))
     t = recording.time_ms
@@ -188,8 +197,9 @@ def plot_latents(recording: Recording, summary: PosteriorSummary, components: Op
         if i == k - 1:
             axi.set_xlabel(_time_label(recording))
     by = "by condition" if len(summary.conditions) > 1 else "over all trials (no --condition)"
-    fig.suptitle(f"Latent paths {by} ({summary.latents_mean.shape[-1]} latent dimensions, "
-                 f"top {k} principal components)", fontsize=12)
+    whose = "condition averages" if pcs["basis"] == "conditions" else "single trials"
+    fig.suptitle(f"Latent paths {by} ({summary.latents_mean.shape[-1]} latent dimensions; top {k} principal "
+                 f"components of the {whose})", fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
 

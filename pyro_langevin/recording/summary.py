@@ -167,17 +167,25 @@ def summarize_posterior(model: Any, guide: Any, recording: Recording, n_draws: i
         cond_latent_draws=cond["z"].astype(np.float32), psth=psth, psth_sem=sem, n_trials_observed=n_obs)
 
 
-def latent_components(summary: PosteriorSummary, k: int = 3) -> Dict[str, np.ndarray]:
+def latent_components(summary: PosteriorSummary, k: int = 3, basis: str = "auto") -> Dict[str, Any]:
     """The condition-averaged latent paths on their top ``k`` principal components.
 
-    The components come from the posterior-mean condition averages (all conditions and observed bins
-    pooled); every draw is projected on them. Returns ``mean``, ``lower``, ``upper`` (condition, time,
-    k), ``explained`` (fraction of variance of each component), ``axes`` (latent, k) and ``centre``
-    (latent,): any path ``z`` projects to ``(z - centre) @ axes``.
+    ``basis`` says whose variance the components explain: ``"conditions"`` (the posterior-mean
+    condition averages, all conditions and observed bins pooled: how conditions differ) or
+    ``"trials"`` (every trial's posterior-mean path: how trials differ); ``"auto"`` takes
+    ``"conditions"`` when there are several, else ``"trials"``. Every draw of the condition averages
+    is projected on them. Returns ``mean``, ``lower``, ``upper`` (condition, time, k), ``explained``
+    (fraction of the basis' variance of each component), ``axes`` (latent, k), ``centre`` (latent,):
+    any path ``z`` projects to ``(z - centre) @ axes``, and ``basis``.
     """
     draws = summary.cond_latent_draws.astype(np.float64)  # (draw, condition, time, latent)
     mean = draws.mean(axis=0)  # NaN where no trial of a condition reaches a bin
-    flat = mean.reshape(-1, mean.shape[-1])
+    if basis == "auto":
+        basis = "conditions" if len(summary.conditions) > 1 else "trials"
+    if basis not in ("conditions", "trials"):
+        raise ValueError(f"basis must be 'conditions', 'trials' or 'auto', got {basis!r}")
+    source = mean if basis == "conditions" else summary.latents_mean.astype(np.float64)
+    flat = source.reshape(-1, source.shape[-1])
     flat = flat[np.isfinite(flat).all(axis=1)]
     centre = flat.mean(axis=0)
     _, sv, vt = np.linalg.svd(flat - centre, full_matrices=False)
@@ -189,7 +197,8 @@ def latent_components(summary: PosteriorSummary, k: int = 3) -> Dict[str, np.nda
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN bins stay NaN
         lo, hi = np.nanquantile(proj, q, axis=0)
     return {"mean": (mean - centre) @ axes, "lower": lo, "upper": hi,
-            "explained": (sv[:k] ** 2) / max(float((sv ** 2).sum()), 1e-300), "axes": axes, "centre": centre}
+            "explained": (sv[:k] ** 2) / max(float((sv ** 2).sum()), 1e-300), "axes": axes, "centre": centre,
+            "basis": basis}
 
 
 def to_inference_data(summary: PosteriorSummary, recording: Recording, attrs: Optional[Dict[str, Any]] = None) -> az.InferenceData:
