@@ -130,7 +130,8 @@ def read_recording(args: argparse.Namespace) -> Recording:
         used = [f"--{name.replace('_', '-')}" for name in NWB_ONLY
                 if getattr(args, name) not in (None, False, "start_time")]
         if used:
-            raise OptionError(f"{', '.join(used)} read the NWB trials and units tables: not with --arrays")
+            verb = "reads" if len(used) == 1 else "read"
+            raise OptionError(f"{', '.join(used)} {verb} the NWB trials and units tables: not with --arrays {args.arrays}")
         start = 0.0 if args.window is None else args.window[0]
         rec = read_arrays(args.arrays, args.bin_ms, args.counts, args.behavior, args.condition, start_ms=start)
         if args.window is not None and abs((args.window[1] - args.window[0]) - rec.n_bins * args.bin_ms) > 1e-6:
