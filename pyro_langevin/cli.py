@@ -2,9 +2,10 @@
 
     pyro-langevin nlb --dataset mc_maze_small --data-dir DIR --bin-ms 5 --phase val --out runs/x
     pyro-langevin tune --dataset mc_maze_small --data-dir DIR --bin-ms 5 --out runs/search
+    pyro-langevin fit --nwb rec.nwb --align move_onset_time --window -250,450 --out runs/rec
 
-The commands live with what they run (``nlb`` and ``tune`` in :mod:`pyro_langevin.nlb.cli`) and are
-imported only when called.
+The commands live with what they run (``nlb`` and ``tune`` in :mod:`pyro_langevin.nlb.cli`, ``fit`` in
+:mod:`pyro_langevin.recording.cli`) and are imported only when called.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ __all__ = ["main", "COMMANDS"]
 COMMANDS: Dict[str, Tuple[str, str, str]] = {
     "nlb": ("pyro_langevin.nlb.cli", "nlb_main", "train, score and submit LangevinFlow on an NLB'21 dataset"),
     "tune": ("pyro_langevin.nlb.cli", "tune_main", "search its NLB configuration on Ray Tune"),
+    "fit": ("pyro_langevin.recording.cli", "fit_main",
+            "fit your own recording (NWB or arrays): rates, latents, figures and a cross-validated score"),
 }
 
 

@@ -6,7 +6,7 @@ import numpy as np
 from scipy.special import gammaln
 from sklearn.metrics import r2_score
 
-__all__ = ["rate_r2", "bits_per_spike", "nlb_bits_per_spike"]
+__all__ = ["rate_r2", "bits_per_spike", "nlb_bits_per_spike", "decoding_r2", "RIDGE_ALPHAS"]
 
 
 def _flat(x, name: str) -> np.ndarray:
@@ -72,3 +72,37 @@ def nlb_bits_per_spike(rates: np.ndarray, spikes: np.ndarray) -> float:
         return float(np.sum(lam - n * np.log(lam) + gammaln(n + 1.0)))
 
     return (nll(null) - nll(rates)) / np.nansum(spikes) / np.log(2)
+
+
+#: Ridge penalties searched by :func:`decoding_r2` (nlb_tools' grid: 1e-4 .. 1, nine values).
+RIDGE_ALPHAS = np.logspace(-4, 0, 9)
+
+
+def decoding_r2(train_rates, train_behavior, eval_rates, eval_behavior, grid_search: bool = True) -> float:
+    """R^2 of a ridge regression from rates to behaviour, fitted on one set of bins and scored on another.
+
+    The NLB velocity decoder (``nlb_tools.evaluation.fit_and_eval_decoder``, the same numbers without
+    nlb_tools): rows whose behaviour is NaN are left out of either set; ``grid_search`` picks the
+    penalty among :data:`RIDGE_ALPHAS` by sklearn's ``GridSearchCV`` (5-fold, unshuffled) on the
+    training rows, otherwise ``alpha = 0.01``. The score is sklearn's ``r2_score`` averaged over
+    behaviour channels.
+
+    Parameters
+    ----------
+    train_rates, eval_rates : array, shape (sample, neuron)
+        Rates per bin (any units; rows are bins of all trials).
+    train_behavior, eval_behavior : array, shape (sample, channel)
+    grid_search : bool
+    """
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import GridSearchCV
+
+    xs, ys = [np.asarray(a, dtype=np.float64) for a in (train_rates, train_behavior)]
+    xe, ye = [np.asarray(a, dtype=np.float64) for a in (eval_rates, eval_behavior)]
+    keep_s, keep_e = ~np.isnan(ys[:, 0]), ~np.isnan(ye[:, 0])
+    xs, ys, xe, ye = xs[keep_s], ys[keep_s], xe[keep_e], ye[keep_e]
+    if np.isnan(xs).any() or np.isnan(xe).any():
+        raise ValueError("decoding_r2: NaN rates in bins that have behaviour")
+    decoder = GridSearchCV(Ridge(), {"alpha": RIDGE_ALPHAS}) if grid_search else Ridge(alpha=1e-2)
+    decoder.fit(xs, ys)
+    return float(decoder.score(xe, ye))

@@ -35,7 +35,7 @@ from pyro_langevin.models.langevin_flow import LangevinFlow
 
 __all__ = [
     "ModelConfig", "GuideConfig", "FitConfig", "ramp_epochs", "RunSpec", "SpecError", "GUIDES", "register_guide",
-    "SPEC_CLASSES", "register_spec_class", "build", "run_meta", "load_run", "LoadedRun", "read_spec_file",
+    "SPEC_CLASSES", "register_spec_class", "build", "check_buildable", "run_meta", "load_run", "LoadedRun", "read_spec_file",
 ]
 
 
@@ -506,6 +506,25 @@ def build(spec: RunSpec, n_neurons: int, n_heldin: int) -> tuple[LangevinFlow, t
         torch.manual_seed(spec.fit.seed)
         model = spec.model.build(n_neurons)
         return model, spec.guide.build(model, n_heldin)
+
+
+def check_buildable(spec: RunSpec) -> RunSpec:
+    """``spec`` itself, once its model and guide build (tiny sizes, on a forked RNG).
+
+    Raises
+    ------
+    SpecError
+        Settings the constructors refuse, as one line naming the error.
+    """
+    try:
+        with torch.random.fork_rng(devices=[]):
+            build(spec, n_neurons=4, n_heldin=2)
+    except SpecError:
+        raise
+    except Exception as exc:  # whatever the constructors reject, as one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SpecError(f"invalid model setting: {type(exc).__name__}: {first}") from None
+    return spec
 
 
 def run_meta(spec: RunSpec, n_neurons: int, n_heldin: int, **extra: Any) -> Dict[str, Any]:

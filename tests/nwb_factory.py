@@ -131,3 +131,72 @@ def make_dandi_dataset(root: Path, kind: str, dataset: str = None, n_train: int 
     write_nlb_nwb(sub / "sub-Synth_desc-test_ecephys.nwb", kind, ["test"] * n_test, n_heldin, 0,
                   seed=seed + 1, with_behavior=False, trials_seed=5)
     return Path(root)
+
+
+# ----- a lab recording (not NLB): unequal trials, an event, conditions, unit quality -----
+def write_recording_nwb(path: Path, n_trials: int = 60, n_units: int = 24, n_mua: int = 4, seed: int = 0, *,
+                        with_trials: bool = True, with_spike_times: bool = True, spike_outside: bool = False,
+                        one_condition: bool = False, with_behavior: bool = True) -> Dict:
+    """Write a small lab-style NWB file with known rates; return the truth.
+
+    Trials last 0.6-0.9 s (unequal), with ``go_cue_time`` 0.2-0.3 s after their start and a
+    ``reach_dir`` condition (0, 90, 180, 270; all 0 with ``one_condition``). After the cue a 2-D
+    latent rotates at 3 Hz with a phase set by the direction; log rates of ``n_units`` units are a
+    fixed linear readout of it (5-30 Hz). The last ``n_mua`` units have ``quality`` 'mua' (the others
+    'good') and fire at a flat 2 Hz. ``hand_vel`` (1 kHz, 2 channels) is another readout, in a
+    ``behavior`` processing module. Variants for bad input: no trials table, a units table without
+    ``spike_times``, one spike time outside the units' ``obs_intervals``.
+
+    Returns ``{"rates_hz": (ms, unit), "trials": [dict], "end_s": float}``.
+    """
+    rng = np.random.default_rng(seed)
+    trials, t0 = [], 0.5
+    for i in range(n_trials):
+        length = 0.6 + 0.3 * rng.random()
+        cond = 0 if one_condition else int(90 * (i % 4))
+        trials.append(dict(start_time=round(t0, 3), stop_time=round(t0 + length, 3),
+                           go_cue_time=round(t0 + 0.2 + 0.1 * rng.random(), 3), reach_dir=cond))
+        t0 += length + 0.2
+    end = float(np.ceil(t0 + 0.5))
+    n_ms = int(end * 1000)
+    t = np.arange(n_ms) / 1000.0
+    z = np.zeros((n_ms, 2))
+    for tr in trials:
+        sl = slice(int(round(tr["start_time"] * 1000)), int(round(tr["stop_time"] * 1000)))
+        rel = t[sl] - tr["go_cue_time"]
+        env = 1 / (1 + np.exp(-rel / 0.03))
+        phase = 2 * np.pi * 3.0 * rel + np.deg2rad(tr["reach_dir"])
+        z[sl, 0], z[sl, 1] = env * np.cos(phase), env * np.sin(phase)
+    good = n_units - n_mua
+    readout = np.random.default_rng(4321).normal(0, 0.8, (2, good))
+    bias = np.log(np.random.default_rng(77).uniform(5, 15, good))
+    rates = np.concatenate([np.exp(bias + z @ readout), np.full((n_ms, n_mua), 2.0)], axis=1)  # Hz
+    spikes = rng.random((n_ms, n_units)) < rates / 1000.0
+
+    nwb = NWBFile(session_description="synthetic lab recording", identifier=str(uuid.uuid4()),
+                  session_start_time=datetime(2024, 1, 1, tzinfo=timezone.utc))
+    if with_trials:
+        nwb.add_trial_column(name="go_cue_time", description="go cue (s)")
+        nwb.add_trial_column(name="reach_dir", description="reach direction (deg)")
+        for tr in trials:
+            nwb.add_trial(**tr)
+    nwb.add_unit_column(name="quality", description="sorting quality")
+    for u in range(n_units):
+        quality = "good" if u < good else "mua"
+        if not with_spike_times:
+            nwb.add_unit(quality=quality)
+            continue
+        times = (np.nonzero(spikes[:, u])[0] + 0.5) / 1000.0
+        if spike_outside and u == 1:
+            times = np.append(times, end + 3.0)
+        nwb.add_unit(spike_times=times, obs_intervals=[[0.0, end]], quality=quality)
+    if with_behavior:
+        vel = np.zeros((n_ms, 2))
+        vel[80:] = 100.0 * z[:-80] @ np.array([[1.0, 0.4], [-0.3, 1.0]])
+        module = nwb.create_processing_module(name="behavior", description="behaviour")
+        module.add(TimeSeries(name="hand_vel", data=vel, unit="mm/s", rate=1000.0, starting_time=0.0,
+                              description="hand velocity"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with NWBHDF5IO(str(path), "w") as io:
+        io.write(nwb)
+    return {"rates_hz": rates, "trials": trials, "end_s": end}

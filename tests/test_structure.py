@@ -1,9 +1,10 @@
 """The package's import structure (issue 24): no import circles, and the core never reaches the wings.
 
 The core is everything a model needs (batch, transition, potentials, decoder, models, guides,
-training, posterior, spec, checks ...). The wings use it: the command line (``cli``, ``options``,
-``console``) and the benchmark's wing ``nlb/``. Read from the code's own ``import`` statements (at
-any depth in a module, lazy imports included), so a circle hidden inside a function counts too.
+training, posterior, spec, checks, members, crossval ...). The wings use it: the command line
+(``cli``, ``options``, ``console``), the benchmark's wing ``nlb/`` and the recording wing
+``recording/``. Read from the code's own ``import`` statements (at any depth in a module, lazy
+imports included), so a circle hidden inside a function counts too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 #: Source folder -> package name (pyproject's package-dir mapping).
 ROOTS = {"pyro_langevin": "pyro_langevin", "models": "pyro_langevin.models", "guides": "pyro_langevin.guides"}
 #: Modules and packages that sit on the core and may import it (never the other way round).
-WINGS = ("pyro_langevin.cli", "pyro_langevin.options", "pyro_langevin.console", "pyro_langevin.nlb")
+WINGS = ("pyro_langevin.cli", "pyro_langevin.options", "pyro_langevin.console", "pyro_langevin.nlb",
+         "pyro_langevin.recording")
 #: The core the issue names; every other module outside WINGS is held to the same rule.
 NAMED_CORE = ("pyro_langevin.models.langevin_flow", "pyro_langevin.guides.gru", "pyro_langevin.guides.bigru",
               "pyro_langevin.transition", "pyro_langevin.potentials", "pyro_langevin.decoder", "pyro_langevin.batch",

@@ -6,7 +6,7 @@ spikes (:func:`heldin_only`); their held-out neurons and forward bins are for sc
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -14,7 +14,44 @@ import torch
 from pyro_langevin.batch import Batch
 from pyro_langevin.data.errors import NLBDataError
 
-__all__ = ["split_train_valid", "kfold_indices", "heldin_only", "concat_batches", "build_training_batch"]
+__all__ = ["split_train_valid", "kfold_indices", "heldin_only", "concat_batches", "build_training_batch", "TrialSizes"]
+
+
+class TrialSizes:
+    """The sizes of a run's trials, a ``train`` batch (targets known) and an ``eval`` batch (or None):
+    what the members' recipe and the scorers read (:mod:`pyro_langevin.members`). A base of the NLB
+    wing's ``NLBData`` and of :class:`~pyro_langevin.members.TrialSet`."""
+
+    train: Batch
+    eval: Optional[Batch]
+
+    @property
+    def n_heldin(self) -> int:
+        return self.train.n_heldin
+
+    @property
+    def n_heldout(self) -> int:
+        return self.train.n_heldout
+
+    @property
+    def n_neurons(self) -> int:
+        return self.train.n_neurons
+
+    @property
+    def n_observed_bins(self) -> int:
+        return self.train.n_observed_bins
+
+    @property
+    def n_forward_bins(self) -> int:
+        return self.train.n_forward_bins
+
+    @property
+    def n_train(self) -> int:
+        return self.train.n_trials
+
+    @property
+    def n_eval(self) -> int:
+        return 0 if self.eval is None else self.eval.n_trials
 
 
 def split_train_valid(batch: Batch, frac: float = 0.2, seed: int = 0) -> Tuple[Batch, Batch]:

@@ -9,11 +9,14 @@ One file per job:
 * :mod:`~pyro_langevin.nlb.coarse`: fitting 5 ms data at 20 ms, and the rates back to 5 ms;
 * :mod:`~pyro_langevin.nlb.config`: per-dataset defaults of a run (:class:`~pyro_langevin.nlb.config.NLBConfig`);
 * :mod:`~pyro_langevin.nlb.request`: one run as asked for (:class:`~pyro_langevin.nlb.request.NLBRequest`);
-* :mod:`~pyro_langevin.nlb.members`: the members' recipe, shared by runs, cross-validation and the search;
-* :mod:`~pyro_langevin.nlb.scoring`: co-bps, fp-bps, vel R^2 through ``nlb_tools``, submission files;
-* :mod:`~pyro_langevin.nlb.baseline`: the spike-smoothing baseline;
+* :mod:`~pyro_langevin.nlb.members`: the NLB data and bins of the members' recipe (the core's
+  :mod:`pyro_langevin.members`), shared by runs, cross-validation and the search;
+* :mod:`~pyro_langevin.nlb.scoring`: co-bps, fp-bps, vel R^2 through ``nlb_tools``, submission files
+  (local scores are the core's :mod:`pyro_langevin.scoring`);
+* :mod:`~pyro_langevin.nlb.baseline`: the spike-smoothing baseline with nlb_tools' kernel widths;
 * :mod:`~pyro_langevin.nlb.pipeline`: train, select, export and score a run (:func:`~pyro_langevin.nlb.pipeline.run_nlb`);
-* :mod:`~pyro_langevin.nlb.cv`: K-fold cross-validation over the training trials;
+* :mod:`~pyro_langevin.nlb.cv`: K-fold cross-validation over the training trials (the core's folds,
+  :mod:`pyro_langevin.crossval`);
 * :mod:`~pyro_langevin.nlb.tune`: the hyperparameter search on Ray Tune;
 * :mod:`~pyro_langevin.nlb.cli`: the ``nlb`` and ``tune`` commands.
 

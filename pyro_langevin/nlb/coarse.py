@@ -26,7 +26,7 @@ from pyro_langevin.batch import Batch
 from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.nlb.data import BIN_SIZES, NLBData
 from pyro_langevin.nlb.rebin import rebin_counts
-from pyro_langevin.nlb.scoring import Rates
+from pyro_langevin.scoring import Rates
 from pyro_langevin.spec import SpecError
 
 __all__ = ["FIT_BIN_MS", "resolve_fit_bin", "coarsen_batch", "coarsen_data", "upsample_rates", "upsample"]

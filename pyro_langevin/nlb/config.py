@@ -10,15 +10,15 @@ tables that chose them. Settings are dotted keys of :class:`NLBConfig` (``model.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
+from pyro_langevin.members import SELECTION, EvalConfig, MemberRunSpec
 from pyro_langevin.nlb.data import check_args
-from pyro_langevin.spec import FitConfig, RunSpec, SpecError, register_spec_class
+from pyro_langevin.spec import register_spec_class
 
-__all__ = ["NLBConfig", "EvalConfig", "REFERENCE", "DEFAULTS", "QUICK", "SHIFT_MS", "default_config"]
+__all__ = ["NLBConfig", "EvalConfig", "SELECTION", "REFERENCE", "DEFAULTS", "QUICK", "SHIFT_MS", "default_config"]
 
 #: The released code's hyperparameters (SPEC section 4): batch, lr, wd, gamma (per-step), CD keep, epochs.
 REFERENCE: Dict[str, Dict[str, float]] = {
@@ -37,51 +37,15 @@ def gamma_from_reference(gamma_ref: float, ref_bin_ms: int = 20) -> float:
     return -math.log(1.0 - gamma_ref) / (ref_bin_ms / 100.0)
 
 
-@dataclass
-class EvalConfig:
-    """How an NLB run selects, exports and ensembles.
-
-    ``valid_frac``: validation split of the training trials (model selection) for one model;
-    ``select_draws``: posterior draws behind the validation co-bps; ``export_draws``: posterior
-    draws averaged for the exported rates (reference 50); ``n_models``: 1 (one model, validated on a
-    random ``valid_frac`` split) or K > 1 (member i validated on fold i of the training trials and
-    fitted on the others, their rates averaged).
-    """
-
-    valid_frac: float = 0.2
-    select_draws: int = 10
-    export_draws: int = 50
-    n_models: int = 1
-
-    def __post_init__(self) -> None:
-        if isinstance(self.n_models, bool) or not isinstance(self.n_models, int) or self.n_models < 1:
-            raise SpecError(f"eval.n_models must be an integer >= 1, got {self.n_models!r}")
-        bad = {"valid_frac": 0 < self.valid_frac < 1, "select_draws": self.select_draws >= 1,
-               "export_draws": self.export_draws >= 1}
-        wrong = [f"eval.{k}={getattr(self, k)!r}" for k, ok in bad.items() if not ok]
-        if wrong:
-            raise SpecError(f"invalid setting {', '.join(wrong)} (valid_frac in (0, 1), draw counts >= 1)")
-
-
-#: What every NLB fit selects on: validation co-bps, the higher the better.
-SELECTION = dict(select_on="co_bps", select_mode="max")
-
-
 @register_spec_class
 @dataclass
-class NLBConfig(RunSpec):
+class NLBConfig(MemberRunSpec):
     """Everything a train-and-score run of LangevinFlow on one NLB dataset needs: the run spec's
     ``model``, ``guide`` (any guide of :data:`~pyro_langevin.spec.GUIDES`) and ``fit`` sections
-    (:class:`~pyro_langevin.spec.RunSpec`) and ``eval`` (:class:`EvalConfig`). Override by dotted
-    keys: ``cfg.override({"fit.lr": 1e-3})``.
+    (:class:`~pyro_langevin.spec.RunSpec`) and ``eval`` (:class:`~pyro_langevin.members.EvalConfig`),
+    as every members' run (:class:`~pyro_langevin.members.MemberRunSpec`). Override by dotted keys:
+    ``cfg.override({"fit.lr": 1e-3})``.
     """
-
-    fit: FitConfig = field(default_factory=lambda: FitConfig(**SELECTION))
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def member_fit(self, seed: int) -> FitConfig:
-        """The fit configuration of one member (its own seed), selecting on validation co-bps."""
-        return dataclasses.replace(self.fit, seed=seed, **SELECTION)
 
 
 #: Per-dataset CPU defaults at the fitting bins (5 ms data fit at 20 ms, :mod:`pyro_langevin.nlb.coarse`).

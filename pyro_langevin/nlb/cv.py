@@ -15,8 +15,8 @@ With ``eval.n_models = M > 1`` each fold trains the run's ensemble recipe on its
 (M members, member i validated on fold i of them; :func:`~pyro_langevin.nlb.members.fold_members`),
 so the score is that of the recipe ``run_nlb`` uses; each member is also scored alone.
 
-The summary gives mean and standard error over folds for the model, the baseline and their paired
-difference. The K fold models also make an ensemble: their posterior-mean rates on every trial are
+The folds are the core's (:mod:`pyro_langevin.crossval`, shared with the recording wing): the summary
+gives mean and standard error over folds for the model, the baseline and their paired difference. The K fold models also make an ensemble: their posterior-mean rates on every trial are
 averaged into ``submission.h5`` (each model's rates are its own 50-draw posterior means). The
 ensemble is not scored by the folds (each scored fold trained the other folds' models); when the
 evaluation target is known (phase ``val`` with ``eval_target.h5``) it is scored there.
@@ -24,90 +24,22 @@ evaluation target is known (phase ``val`` with ``eval_target.h5``) it is scored 
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
-import numpy as np
-import torch
-
+from pyro_langevin.crossval import METRICS, Fold, format_cv_table, summarize_folds, train_folds
 from pyro_langevin.data.splits import kfold_indices
 from pyro_langevin.nlb.data import NLBData
-from pyro_langevin.nlb.members import MemberResult, MemberSpec, fold_members, member_recipe, train_members
-from pyro_langevin.nlb.pipeline import score_smoothing_split, score_split
+from pyro_langevin.nlb.members import member_recipe
+from pyro_langevin.nlb.pipeline import score_smoothing_split
 from pyro_langevin.nlb.request import NLBRequest
 from pyro_langevin.nlb.scoring import Rates, score_nlb, write_submission
 from pyro_langevin.spec import SpecError
 
-__all__ = ["cross_validate", "summarize_folds", "format_cv_table"]
-METRICS = ("co-bps", "fp-bps", "vel R2")
+__all__ = ["cross_validate", "summarize_folds", "format_cv_table", "METRICS"]
 
 
-def summarize_folds(folds: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """Mean, standard error and count over folds for the model, the baseline and model - baseline.
-
-    ``folds`` are the per-fold records of :func:`cross_validate` (``{"model": {...}, "smoothing": {...}}``).
-    Differences are paired: computed per fold, then summarised. When folds trained ensembles, also
-    ``single_model`` (each member scored alone, averaged within its fold) and ``ensemble_gain``.
-    """
-    def stats(values: List[float]) -> Dict[str, float]:
-        v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
-        if v.size == 0:
-            return {"mean": math.nan, "se": math.nan, "n": 0}
-        se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan
-        return {"mean": float(v.mean()), "se": se, "n": int(v.size)}
-
-    def diff(a: List[Optional[float]], b: List[Optional[float]]) -> List[Optional[float]]:
-        return [x - y if x is not None and y is not None else None for x, y in zip(a, b)]
-
-    out: Dict[str, Dict[str, Dict[str, float]]] = {"model": {}, "smoothing": {}, "difference": {}}
-    ensembles = any(len(f.get("single_models", [])) > 1 for f in folds)
-    if ensembles:
-        out.update({"single_model": {}, "ensemble_gain": {}})
-    for key in METRICS:
-        m = [f["model"].get(key) for f in folds]
-        b = [f["smoothing"].get(key) for f in folds]
-        if all(x is None for x in m):
-            continue
-        out["model"][key] = stats(m)
-        out["smoothing"][key] = stats(b)
-        out["difference"][key] = stats(diff(m, b))
-        if ensembles:  # each fold's members scored alone, averaged within the fold
-            single = [float(np.mean([x[key] for x in f["single_models"]])) if key in f["single_models"][0] else None
-                      for f in folds]
-            out["single_model"][key] = stats(single)
-            out["ensemble_gain"][key] = stats(diff(m, single))
-    return out
-
-
-def format_cv_table(summary: Dict[str, Any], k: int) -> str:
-    """Plain-text table: mean +- s.e. over ``k`` folds for the model, the baseline and the difference."""
-    keys = list(summary["model"])
-    lines = [f"{k}-fold cross-validation over the training trials (mean +- s.e. over folds)",
-             "  " + f"{'':<22}" + "".join(f"{key:>18}" for key in keys)]
-    rows = [("model", "LangevinFlow"), ("smoothing", "smoothing"), ("difference", "LangevinFlow - smooth")]
-    if "single_model" in summary:
-        rows[0] = ("model", "LangevinFlow ensemble")
-        rows += [("single_model", "single member"), ("ensemble_gain", "ensemble - single")]
-    for who, label in rows:
-        cells = "".join(f"{summary[who][key]['mean']:>10.4f} +- {summary[who][key]['se']:<5.3f}" for key in keys)
-        lines.append("  " + f"{label:<22}" + cells)
-    return "\n".join(lines)
-
-
-def _fold_record(f: int, scored_idx: np.ndarray, specs: Sequence[MemberSpec], model_scores: Dict[str, float],
-                 base_scores: Dict[str, float], members: Sequence[MemberResult],
-                 singles: Sequence[Dict[str, float]]) -> Dict[str, Any]:
-    return {
-        "fold": f, "scored_trials": [int(i) for i in scored_idx], "n_models": len(members),
-        "n_fit_trials": specs[0].fit_trials.n_trials, "n_inner_valid_trials": specs[0].valid.n_trials,
-        "model": {k: float(v) for k, v in model_scores.items()}, "smoothing": {k: float(v) for k, v in base_scores.items()},
-        "single_models": [{k: float(v) for k, v in sc.items()} for sc in singles],
-        "best_epochs": [m.best_epoch for m in members], "inner_valid_co_bps": [m.best_metric for m in members],
-        "epochs_run": [m.epochs_run for m in members], "fit_seconds": [m.fit_seconds for m in members],
-    }
 
 
 def cross_validate(request: NLBRequest, k: int = 5, *, folds: Optional[Sequence[int]] = None,
@@ -153,39 +85,12 @@ def cross_validate(request: NLBRequest, k: int = 5, *, folds: Optional[Sequence[
         f"(folds of {min(map(len, parts))}-{max(map(len, parts))}); running folds {run}"
         + (f"; fitting at {request.fit_bin} ms, rates interpolated to {data.bin_ms} ms" if fit_data is not data else ""))
 
-    # every member of every fold, trained in one go (in parallel with workers > 1)
-    specs: List[MemberSpec] = []
-    splits = {}
-    for f in run:
-        rest_rows = np.setdiff1d(np.arange(data.n_train), parts[f])
-        scored = data.train[torch.as_tensor(parts[f], dtype=torch.long)]
-        rest = data.train[torch.as_tensor(rest_rows, dtype=torch.long)]
-        fit_scored = fit_data.train[torch.as_tensor(parts[f], dtype=torch.long)]
-        fit_rest = fit_data.train[torch.as_tensor(rest_rows, dtype=torch.long)]
-        fold_specs = fold_members(fit_rest, [fit_scored, fit_data.eval], cfg.eval.n_models, cfg.eval.valid_frac,
-                                  seed + 1000 * (f + 1), out / f"fold{f}")
-        for spec in fold_specs:
-            spec.index = len(specs)
-            specs.append(spec)
-        splits[f] = (scored, rest, fold_specs)
-    trained = train_members(specs, cfg, fit_data, recipe.device, workers=request.workers, log=log, export_seed=seed,
-                            progress=request.progress, meta=dict(request.meta(), cv_k=k))
-    trained = [dataclasses.replace(m, rates=recipe.to_scored_bins(m.rates)) for m in trained]
-
-    records: List[Dict[str, Any]] = []
-    fold_ensembles: List[Rates] = []
-    for f in run:
-        scored, rest, fold_specs = splits[f]
-        members = [trained[s.index] for s in fold_specs]
-        rates = Rates.mean([m.rates for m in members])
-        fold_ensembles.append(rates)
-        singles = [score_split(m.rates, data, scored, rest) for m in members]
-        record = _fold_record(f, parts[f], fold_specs, score_split(rates, data, scored, rest),
-                              score_smoothing_split(data, scored, rest), members, singles)
-        records.append(record)
-        log(f"fold {f}: co-bps {record['model']['co-bps']:.4f} (smoothing {record['smoothing']['co-bps']:.4f}), "
-            f"fp-bps {record['model'].get('fp-bps', math.nan):.4f}, vel R2 {record['model'].get('vel R2', math.nan):.4f}"
-            + ("; single members' co-bps " + ", ".join(f"{x['co-bps']:.4f}" for x in singles) if len(members) > 1 else ""))
+    # every member of every fold, trained in one go (in parallel with workers): the core's skeleton
+    plans = [Fold(f, parts[f], data, fit_data, [fit_data.eval]) for f in run]
+    records, fold_ensembles = train_folds(
+        plans, cfg, out, seed, recipe.device, score_smoothing_split,
+        to_scored_bins=recipe.to_scored_bins, log=log, workers=request.workers, progress=request.progress,
+        meta=dict(request.meta(), cv_k=k))
 
     ensemble_rates = Rates.mean(fold_ensembles)
     sub = write_submission(out / "submission.h5", data.dataset, data.bin_ms, ensemble_rates)

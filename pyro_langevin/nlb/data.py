@@ -34,7 +34,7 @@ from pyro_langevin.batch import Batch, make_batch
 from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.data.h5 import as_ragged, check_spike_array, read_h5, write_h5
 from pyro_langevin.data.splits import (
-    build_training_batch, concat_batches, heldin_only, split_train_valid,
+    TrialSizes, build_training_batch, concat_batches, heldin_only, split_train_valid,
 )
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ _FOLDER_RE = re.compile(r"^(?P<dataset>[a-z0-9_]+)-(?P<bin>\d+)ms-(?P<phase>\w+)
 
 # ----- the container -----------------------------------------------------------------------------
 @dataclass
-class NLBData:
+class NLBData(TrialSizes):
     """One NLB dataset at one bin size and phase, in the project's data contract.
 
     Attributes
@@ -125,34 +125,6 @@ class NLBData:
     train_behavior: Optional[np.ndarray] = None
     source: Optional[Path] = None
     extras: Dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n_heldin(self) -> int:
-        return self.train.n_heldin
-
-    @property
-    def n_heldout(self) -> int:
-        return self.train.n_heldout
-
-    @property
-    def n_neurons(self) -> int:
-        return self.train.n_neurons
-
-    @property
-    def n_observed_bins(self) -> int:
-        return self.train.n_observed_bins
-
-    @property
-    def n_forward_bins(self) -> int:
-        return self.train.n_forward_bins
-
-    @property
-    def n_train(self) -> int:
-        return self.train.n_trials
-
-    @property
-    def n_eval(self) -> int:
-        return self.eval.n_trials
 
     @property
     def has_eval_target(self) -> bool:

@@ -1,49 +1,34 @@
 """The members of an NLB run: the one recipe that ``nlb``, ``nlb --cv`` and ``tune`` train.
 
-A run's models are its *members*: one model, or a K-fold ensemble. Every entry point builds them the
-same way, so a search tunes and a cross-validation scores exactly the model a submission run trains:
+The members' machinery is the core's (:mod:`pyro_langevin.members`: :func:`fold_members`,
+:func:`build_member`, :func:`train_member`, :func:`train_members`, :func:`export_rates`,
+:func:`cobps_metric`, re-exported here), shared with the recording wing. What is the NLB's:
 
 * :func:`member_recipe`: the request's data (:func:`~pyro_langevin.nlb.data.load_nlb`), the same
   data summed into the fitting bins (:func:`~pyro_langevin.nlb.coarse.coarsen_data`), the members'
   configuration at those bins (:meth:`~pyro_langevin.nlb.request.NLBRequest.spec`) and the device;
   :meth:`MemberRecipe.to_scored_bins` brings the members' rates back to the request's bins;
-* :func:`fold_members`: validation data are carved from the TRAINING trials only: a random split
-  for one model, fold i of K for ensemble member i. A member's fitting batch
-  (:meth:`MemberSpec.training_batch`) holds its other training trials in full (held-in and held-out
-  neurons, observed and forward bins), plus its validation trials and the evaluation trials with
-  only their held-in observed spikes: no validation or evaluation target reaches the likelihood;
-* :func:`build_member`: the member's configuration (its own seed) and its seeded model and guide;
-* :func:`train_member` / :func:`train_members`: :func:`~pyro_langevin.training.fit` selecting on the
-  validation co-bps (:func:`cobps_metric`), then the model and guide rebuilt from ``best.pt`` alone
-  (:func:`~pyro_langevin.spec.load_run`) and :func:`export_rates`: the mean of
-  ``eval.export_draws`` posterior draws for every training and evaluation trial.
+* :func:`at_bins`: a member's trials at another bin width, for scoring.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as futures
 import dataclasses
-import multiprocessing
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Optional
 
-import numpy as np
-import pyro
 import torch
 
 from pyro_langevin.batch import Batch
-from pyro_langevin.data.errors import NLBDataError
-from pyro_langevin.data.splits import build_training_batch, kfold_indices, split_train_valid
+from pyro_langevin.members import (
+    MemberResult, MemberSpec, build_member, cobps_metric, export_rates, fold_members, same_trials, train_member,
+    train_members,
+)
 from pyro_langevin.nlb.coarse import coarsen_data, upsample
 from pyro_langevin.nlb.config import NLBConfig
 from pyro_langevin.nlb.data import NLBData, load_nlb
 from pyro_langevin.nlb.request import NLBRequest
-from pyro_langevin.nlb.scoring import Rates, score_local
-from pyro_langevin.posterior import posterior_rates
-from pyro_langevin.spec import build, load_run, run_meta
-from pyro_langevin.training import fit
+from pyro_langevin.scoring import Rates
 
 __all__ = [
     "MemberRecipe", "member_recipe", "cobps_metric", "export_rates", "MemberSpec", "MemberResult", "same_trials",
@@ -96,214 +81,8 @@ def member_recipe(request: NLBRequest, data: Optional[NLBData] = None) -> Member
     return MemberRecipe(data, coarsen_data(data, request.fit_bin), cfg, dev)
 
 
-def cobps_metric(n_samples: int = 10, seed: int = 0) -> Callable[[Any, Any, Batch], Dict[str, float]]:
-    """A ``fit`` metric: co-bps (and fp-bps) of a validation batch from posterior-mean rates.
-
-    Returns ``{"co_bps": ..., "fp_bps": ...}`` (underscored keys, usable as ``select_on``). The
-    draws are seeded (``fit`` runs metrics on a forked RNG), so successive validations compare
-    parameters, not Monte Carlo noise.
-    """
-
-    def metric(model, guide, valid: Batch) -> Dict[str, float]:
-        torch.manual_seed(seed)  # torch only: fit forks the torch RNG around validation
-        rates = posterior_rates(model, guide, valid, n_samples=n_samples).numpy()
-        scores = score_local(rates, valid.to("cpu"))
-        return {k.replace("-", "_").replace(" ", "_"): v for k, v in scores.items()}
-
-    return metric
-
-
-def export_rates(model, guide, data: NLBData, n_samples: int = 50, seed: int = 0,
-                 device: Union[str, torch.device] = "cpu") -> Rates:
-    """Posterior-mean rates (mean over ``n_samples`` draws, counts per bin) of every training and
-    evaluation trial, in the batch layout. The draws are seeded: the same state gives the same rates."""
-    pyro.set_rng_seed(seed)
-    return Rates(posterior_rates(model, guide, data.train.to(device), n_samples=n_samples).numpy(),
-                 posterior_rates(model, guide, data.eval.to(device), n_samples=n_samples).numpy(),
-                 data.n_heldin, data.n_observed_bins)
-
-
-@dataclass
-class MemberSpec:
-    """What one member trains on.
-
-    Attributes
-    ----------
-    index : int
-        Member number (names its checkpoint folder).
-    fit_trials : Batch
-        Training trials used in full (held-in and held-out neurons, observed and forward bins).
-    valid : Batch
-        Training trials that pick the checkpoint (co-bps); in training, held-in spikes only.
-    heldin_only : list of Batch
-        Further trials that enter training through their held-in observed spikes only
-        (the evaluation trials; a cross-validation fold's scored trials).
-    seed : int
-        Seeds the model's initialisation and the fit.
-    checkpoint_dir : Path
-    """
-
-    index: int
-    fit_trials: Batch
-    valid: Batch
-    heldin_only: List[Batch]
-    seed: int
-    checkpoint_dir: Path
-
-    def training_batch(self) -> Batch:
-        """What ``fit`` trains on: ``fit_trials`` in full; ``valid`` and ``heldin_only`` trials with
-        their held-in observed spikes only (mask False on held-out neurons and forward bins)."""
-        return build_training_batch(self.fit_trials, [self.valid, *self.heldin_only])
-
-
-@dataclass
-class MemberResult:
-    """What one trained member gives back (all plain data: it crosses process boundaries)."""
-
-    index: int
-    rates: Rates
-    best_epoch: int
-    best_metric: float
-    epochs_run: int
-    stopped_early: bool
-    fit_seconds: float
-    valid_curve: List[List[float]] = field(default_factory=list)
-
-
-def same_trials(batch: Batch, like: Batch) -> Batch:
-    """The trials of ``batch`` that ``like`` holds (matched by ``index``), in ``like``'s order: the
-    same trials at another bin width."""
-    row = {int(i): k for k, i in enumerate(batch.index.tolist())}
-    missing = [int(i) for i in like.index.tolist() if int(i) not in row]
-    if missing:
-        raise NLBDataError(f"trials {missing[:5]} are not in the batch")
-    return batch[torch.as_tensor([row[int(i)] for i in like.index.tolist()], dtype=torch.long)]
-
-
 def at_bins(spec: MemberSpec, train: Batch) -> MemberSpec:
     """``spec`` with its fitting and validation trials taken from ``train`` (another bin width), for
     scoring; its checkpoints and seed stay."""
     return dataclasses.replace(spec, fit_trials=same_trials(train, spec.fit_trials),
                                valid=same_trials(train, spec.valid), heldin_only=[])
-
-
-def fold_members(train: Batch, heldin_only: Sequence[Batch], n_models: int, valid_frac: float, seed: int,
-                 out: Path) -> List[MemberSpec]:
-    """Member specs of a run over the training trials ``train``: one member on a random ``valid_frac``
-    split, or a K-fold ensemble (member ``i`` validates on fold ``i`` of ``train``, fits the rest).
-
-    ``heldin_only`` trials (the evaluation trials, a cross-validation fold's scored trials) enter
-    every member's training through their held-in observed spikes only. With ``n_models == 1`` the
-    checkpoints go to ``out/checkpoints`` (the single-model layout); with more, member ``i`` writes
-    ``out/member{i}/checkpoints``.
-    """
-    if n_models == 1:
-        fit_trials, valid = split_train_valid(train, valid_frac, seed)
-        return [MemberSpec(0, fit_trials, valid, list(heldin_only), seed, out / "checkpoints")]
-    specs = []
-    for i, part in enumerate(kfold_indices(train.n_trials, n_models, seed)):
-        rest = np.setdiff1d(np.arange(train.n_trials), part)
-        specs.append(MemberSpec(i, train[torch.as_tensor(rest)], train[torch.as_tensor(part)],
-                                list(heldin_only), seed + i, out / f"member{i}" / "checkpoints"))
-    return specs
-
-
-def build_member(spec: MemberSpec, cfg: NLBConfig, data: NLBData) -> Tuple[NLBConfig, Any, Any]:
-    """The member's own run spec (``cfg`` with the member's seed, stored with its checkpoints) and its
-    freshly built model and guide, initialised from that seed."""
-    cfg = dataclasses.replace(cfg, fit=cfg.member_fit(spec.seed))
-    model, guide = build(cfg, data.n_neurons, data.n_heldin)
-    return cfg, model, guide
-
-
-def train_member(
-    spec: MemberSpec,
-    cfg: NLBConfig,
-    data: NLBData,
-    device: Union[str, torch.device] = "cpu",
-    *,
-    export_seed: int = 0,
-    resume: bool = False,
-    progress: bool = True,
-    metric_fn: Optional[Callable] = None,
-    threads: Optional[int] = None,
-    meta: Optional[Dict[str, Any]] = None,
-    log: Callable[[str], None] = print,
-) -> MemberResult:
-    """Train one member, load its best checkpoint and export its posterior-mean rates.
-
-    The rates (counts per bin, mean of ``cfg.eval.export_draws`` draws) come from ``best.pt``, never
-    from the last epoch, for every training and evaluation trial (see :func:`export_rates`): the
-    model and guide are rebuilt from that checkpoint alone (:func:`~pyro_langevin.spec.load_run`).
-    """
-    dev = torch.device(device)
-    if dev.type == "cpu" and threads:
-        torch.set_num_threads(int(threads))
-    train = spec.training_batch()
-    cfg, model, guide = build_member(spec, cfg, data)
-    last = spec.checkpoint_dir / "last.pt"
-    resume_from = last if resume and last.is_file() else None
-    if resume and resume_from is None:
-        log(f"no checkpoint at {last}: starting afresh")
-    t_fit = time.perf_counter()
-    result = fit(model, guide, train, spec.valid, cfg.fit, device=dev,
-                 metric_fn=metric_fn or cobps_metric(cfg.eval.select_draws, export_seed),
-                 checkpoint_dir=spec.checkpoint_dir, resume=resume_from, progress=progress,
-                 meta=run_meta(cfg, data.n_neurons, data.n_heldin, **(meta or {}), member=spec.index))
-    seconds = time.perf_counter() - t_fit
-    model, guide, _, best = load_run(spec.checkpoint_dir, "best", map_location=dev)
-    log(f"exporting rates from {spec.checkpoint_dir / 'best.pt'}: mean of {cfg.eval.export_draws} posterior "
-        f"draws for {data.n_train} training and {data.n_eval} evaluation trials ...")
-    rates = export_rates(model, guide, data, cfg.eval.export_draws, export_seed, dev)
-    curve = [[int(h["epoch"]), round(float(h["co_bps"]), 4)] for h in result.history if "co_bps" in h]
-    return MemberResult(spec.index, rates, int(best["best_epoch"]), float(best["best_metric"]),
-                        len(result.history), result.stopped_early, round(seconds, 1), curve)
-
-
-def _train_in_worker(spec: MemberSpec, cfg: NLBConfig, data: NLBData, device: str, kwargs: Dict[str, Any]) -> MemberResult:
-    torch.set_num_threads(1)
-    return train_member(spec, cfg, data, device, progress=False, log=lambda s: None, **kwargs)
-
-
-def train_members(
-    specs: Sequence[MemberSpec],
-    cfg: NLBConfig,
-    data: NLBData,
-    device: Union[str, torch.device] = "cpu",
-    *,
-    workers: int = 1,
-    log: Callable[[str], None] = print,
-    **kwargs: Any,
-) -> List[MemberResult]:
-    """Train every member; ``workers > 1`` trains that many at once in separate processes (CPU only).
-
-    ``kwargs`` go to :func:`train_member` (``export_seed``, ``resume``, ``threads``, ``meta``;
-    ``progress`` and ``metric_fn`` only with one worker). Results come back in member order.
-    """
-    dev = torch.device(device)
-    if workers <= 1 or len(specs) == 1 or dev.type != "cpu":
-        results = []
-        for spec in specs:
-            res = train_member(spec, cfg, data, dev, log=log, **kwargs)
-            _log_member(res, len(specs), log)
-            results.append(res)
-        return results
-    if kwargs.get("metric_fn") is not None:
-        raise ValueError("a custom metric_fn cannot be sent to worker processes; use workers=1")
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("progress", "metric_fn")}
-    done: Dict[int, MemberResult] = {}
-    ctx = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
-    with futures.ProcessPoolExecutor(max_workers=min(workers, len(specs)), mp_context=ctx) as pool:
-        jobs = [pool.submit(_train_in_worker, spec, cfg, data, str(dev), kwargs) for spec in specs]
-        log(f"training {len(specs)} members in {min(workers, len(specs))} worker processes ...")
-        for job in futures.as_completed(jobs):
-            res = job.result()
-            done[res.index] = res
-            _log_member(res, len(specs), log)
-    return [done[s.index] for s in specs]
-
-
-def _log_member(res: MemberResult, n: int, log: Callable[[str], None]) -> None:
-    who = "fit" if n == 1 else f"member {res.index + 1}/{n}"
-    log(f"{who}: {res.epochs_run} epochs in {res.fit_seconds:.0f} s; best validation co-bps "
-        f"{res.best_metric:.4f} at epoch {res.best_epoch}")

@@ -35,29 +35,21 @@ import numpy as np
 import torch
 
 from pyro_langevin.batch import Batch
-from pyro_langevin.nlb.baseline import smoothing_baseline
+from pyro_langevin.baseline import score_smoothing_split as score_smoothing
+from pyro_langevin.nlb.baseline import kernel_sd_ms, smoothing_baseline
 from pyro_langevin.nlb.data import NLBData
 from pyro_langevin.nlb.members import at_bins, fold_members, member_recipe, train_members
 from pyro_langevin.nlb.request import NLBRequest
-from pyro_langevin.nlb.scoring import Rates, score_local, score_nlb, write_submission
+from pyro_langevin.nlb.scoring import Rates, score_nlb, write_submission
+from pyro_langevin.scoring import score_split
 
 __all__ = ["run_nlb", "format_table", "score_split", "score_smoothing_split"]
 
 
-def score_split(rates: Rates, data: NLBData, scored: Batch, decoder_fit: Batch) -> Dict[str, float]:
-    """co-bps / fp-bps / vel R^2 of training trials ``scored``; the velocity decoder fits on ``decoder_fit``.
-
-    The rows of ``scored`` and ``decoder_fit`` in ``rates.train`` are found by their trial ``index``.
-    """
-    pos = {int(i): k for k, i in enumerate(data.train.index.tolist())}
-    rows = lambda b: [pos[int(i)] for i in b.index.tolist()]  # noqa: E731
-    return score_local(rates.train[rows(scored)], scored, rates.train[rows(decoder_fit)], decoder_fit)
-
-
 def score_smoothing_split(data: NLBData, scored: Batch, decoder_fit: Batch) -> Dict[str, float]:
-    """The smoothing baseline fitted on ``decoder_fit`` (GLM and decoder), scored on ``scored``."""
-    r = smoothing_baseline(decoder_fit, scored, data.bin_ms, data.dataset)
-    return score_local(r.eval, scored, r.train, decoder_fit)
+    """The smoothing baseline (nlb_tools' kernel width for the dataset) fitted on ``decoder_fit`` (GLM
+    and decoder), scored on ``scored``."""
+    return score_smoothing(scored, decoder_fit, data.bin_ms, kernel_sd_ms(data.dataset))
 
 
 def _mean_scores(scores: Sequence[Dict[str, float]]) -> Dict[str, float]:

@@ -28,7 +28,7 @@ from pyro_langevin.devices import check_device
 from pyro_langevin.nlb.coarse import resolve_fit_bin
 from pyro_langevin.nlb.config import NLBConfig, default_config
 from pyro_langevin.nlb.data import check_args
-from pyro_langevin.spec import SpecError, build
+from pyro_langevin.spec import SpecError, check_buildable
 
 __all__ = ["NLBRequest"]
 
@@ -131,16 +131,7 @@ class NLBRequest:
         changes = dict(self.overrides)
         if self.epochs is not None:
             changes["fit.epochs"] = self.epochs
-        cfg = cfg.override(changes) if changes else cfg
-        try:
-            with torch.random.fork_rng(devices=[]):
-                build(cfg, n_neurons=4, n_heldin=2)
-        except SpecError:
-            raise
-        except Exception as exc:  # whatever the constructors reject, as one line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SpecError(f"invalid model setting: {type(exc).__name__}: {first}") from None
-        return cfg
+        return check_buildable(cfg.override(changes) if changes else cfg)
 
     def torch_device(self) -> torch.device:
         """The torch device of the fits (:func:`~pyro_langevin.devices.check_device`)."""

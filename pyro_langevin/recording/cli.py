@@ -1,0 +1,193 @@
+"""``pyro-langevin fit``: your own recording (an NWB file or arrays) in; rates, latents and an honest score out.
+
+    pyro-langevin fit --nwb rec.nwb --align move_onset_time --window -250,450 --bin-ms 20 --out runs/rec
+    pyro-langevin fit --arrays counts.npz --counts spikes --bin-ms 10 --condition cond --out runs/rec
+
+Every option is checked, and the recording read, before anything is written: bad input (an option,
+a file, a table or column that is not there, a window that does not fit, counts that are not counts,
+an ``--out`` holding an earlier run without ``--resume``/``--overwrite``) ends with one ``error:``
+line naming the file and the field, and exit status 2 (:mod:`pyro_langevin.console`). The run itself
+is :func:`~pyro_langevin.recording.run.fit_recording`; at the end a one-screen summary is printed and,
+as the last line, the headline numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+from pyro_langevin.console import Session, run_command
+from pyro_langevin.options import (
+    ArgumentParser,
+    OptionError,
+    add_run_arguments,
+    add_spec_arguments,
+    check_out,
+    check_run_options,
+    default_out,
+    non_negative_int,
+    one_line,
+    positive_int,
+    spec_overrides,
+)
+from pyro_langevin.recording.config import RecordingConfig
+from pyro_langevin.recording.data import Recording, read_arrays
+from pyro_langevin.spec import SpecError
+
+__all__ = ["fit_main", "add_fit_arguments", "read_recording"]
+
+#: Options that read the NWB tables (refused with --arrays).
+NWB_ONLY = ("align", "trials", "where", "units", "min_rate", "drop_short")
+
+
+def _window(text: str) -> Tuple[float, float]:
+    """argparse type: ``START,STOP`` in ms."""
+    parts = text.split(",")
+    try:
+        a, b = (float(x) for x in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START,STOP in ms (e.g. -250,450), got {text!r}") from None
+    return a, b
+
+
+def _ids(text: str) -> list:
+    """argparse type: comma-separated unit ids."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated unit ids (e.g. 3,7,12), got {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def add_fit_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Every option of ``pyro-langevin fit``."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--nwb", type=Path, metavar="FILE", help="an NWB file with a trials table and a units table")
+    src.add_argument("--arrays", type=Path, metavar="FILE",
+                     help="an .npz or .h5 file with a counts array (trial, time, unit) under --counts")
+    g = p.add_argument_group("what to read")
+    g.add_argument("--bin-ms", type=_positive_float, default=20.0, help="bin width in ms (default 20)")
+    g.add_argument("--align", default="start_time", metavar="EVENT",
+                   help="trials column holding the event to align on, in seconds (default start_time)")
+    g.add_argument("--window", type=_window, default=None, metavar="START,STOP",
+                   help="ms around the event, a whole number of bins inside every trial (e.g. -250,450); default: "
+                        "each trial from start_time to stop_time, shorter ones padded and masked")
+    g.add_argument("--drop-short", action="store_true",
+                   help="drop the trials the window does not fit (or that lack the event) instead of refusing them")
+    g.add_argument("--trials", default=None, metavar="EXPR",
+                   help="select trials: a pandas query over the trials table, e.g. \"split == 'train'\" or \"id < 50\"")
+    g.add_argument("--units", type=_ids, default=None, metavar="ID,...", help="keep these unit ids (the units table's id)")
+    g.add_argument("--where", default=None, metavar="EXPR",
+                   help="select units: a pandas query over the units table, e.g. \"quality == 'good'\"")
+    g.add_argument("--min-rate", type=_non_negative_float, default=None, metavar="HZ",
+                   help="keep units firing at least this mean rate over the binned trials")
+    g.add_argument("--condition", default=None, metavar="NAME",
+                   help="a trials column (NWB) or an array (--arrays) labelling each trial's condition, for "
+                        "PSTHs and figures")
+    g.add_argument("--behavior", default=None, metavar="NAME",
+                   help="a TimeSeries in acquisition/processing (NWB) or an array (trial, time[, B]) (--arrays), "
+                        "averaged per bin; cross-validated decoding R^2 is reported")
+    g.add_argument("--counts", default="counts", metavar="KEY", help="the counts array's key in --arrays (default counts)")
+    add_run_arguments(p, "fit/RECORDING", "training epochs (default: chosen by the recording's size)",
+                      quick_help="a smoke run: tiny model, 3 epochs, 2 folds")
+    p.add_argument("--cv", type=non_negative_int, default=None, metavar="K",
+                   help="K-fold co-smoothing cross-validation (default: 5, fewer for small recordings; 0: no score)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="cross-validation folds trained at once, one process each (CPU; default one per core)")
+    add_spec_arguments(p, "pyro_langevin.recording.config.RecordingConfig, e.g. --set cv.heldout_frac=0.3")
+    # "--window -250,450" is a value, not an option (argparse takes only plain negative numbers as values)
+    if hasattr(p, "_negative_number_matcher"):
+        p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.]*,-?[\d.]+$")
+    return p
+
+
+def read_recording(args: argparse.Namespace) -> Recording:
+    """The recording the options name (raises a one-line error naming the file and the field)."""
+    if args.arrays is not None:
+        used = [f"--{name.replace('_', '-')}" for name in NWB_ONLY
+                if getattr(args, name) not in (None, False, "start_time")]
+        if used:
+            verb = "reads" if len(used) == 1 else "read"
+            raise OptionError(f"{', '.join(used)} {verb} the NWB trials and units tables: not with --arrays {args.arrays}")
+        start = 0.0 if args.window is None else args.window[0]
+        rec = read_arrays(args.arrays, args.bin_ms, args.counts, args.behavior, args.condition, start_ms=start)
+        if args.window is not None and abs((args.window[1] - args.window[0]) - rec.n_bins * args.bin_ms) > 1e-6:
+            raise OptionError(f"--window {args.window[0]:g},{args.window[1]:g} is {args.window[1] - args.window[0]:g} ms, "
+                              f"but {args.arrays} holds {rec.n_bins} bins of {args.bin_ms:g} ms")
+        return rec
+    from pyro_langevin.recording.nwb import read_nwb
+
+    if args.counts != "counts":
+        raise OptionError("--counts names the counts array of --arrays: not with --nwb")
+    return read_nwb(args.nwb, bin_ms=args.bin_ms, align=args.align, window_ms=args.window, units=args.units,
+                    where=args.where, min_rate_hz=args.min_rate, trials=args.trials, condition=args.condition,
+                    behavior=args.behavior, drop_short=args.drop_short)
+
+
+def _fit(args: argparse.Namespace, session: Session) -> None:
+    source = args.nwb if args.nwb is not None else args.arrays
+    name = f"fit/{Path(source).stem}"
+    if args.cv == 1:
+        raise OptionError("--cv needs K >= 2 folds (or 0: no cross-validation)")
+    if args.out is None:
+        args.out = default_out(name, args.quick)
+    check_out(args.out, resume=args.resume, overwrite=args.overwrite)  # before reading: nothing is written yet
+    recording = read_recording(args)
+    from pyro_langevin.recording.run import format_summary, recording_config, fit_recording  # heavy: after the checks
+
+    try:
+        changes = spec_overrides(args, RecordingConfig())
+        if args.cv is not None:
+            changes["cv.folds"] = args.cv
+        cfg = recording_config(recording, changes, args.quick, args.epochs)
+    except SpecError as exc:
+        raise OptionError(one_line(exc)) from None
+    run = session.options = check_run_options(args, name)
+    workers = args.workers or max(1, min(cfg.cv.folds * cfg.eval.n_models or 1, os.cpu_count() or 1))
+    session.interrupt_note = lambda: (f"interrupted; the checkpoints are in {run.out}/cv/fold*/ and {run.out}/checkpoints/: "
+                                      "rerun the same command with --resume")
+    metrics = fit_recording(recording, run.out, config=cfg, overrides=changes, epochs=args.epochs, quick=args.quick,
+                            seed=args.seed, device=run.device, workers=workers, resume=args.resume,
+                            progress=not args.no_progress)
+    print(format_summary(metrics))
+    cv = metrics["cv"]
+    head = {"out": str(run.out), "seconds": metrics["seconds"]["total"]}
+    if cv:
+        sm = cv["summary"]
+        head.update({"co_bps": sm["model"]["co-bps"]["mean"], "co_bps_se": sm["model"]["co-bps"]["se"],
+                     "smoothing_co_bps": sm["smoothing"]["co-bps"]["mean"],
+                     "difference": sm["difference"]["co-bps"]["mean"], "difference_se": sm["difference"]["co-bps"]["se"]})
+        if "vel R2" in sm["model"]:
+            head.update({"vel_r2": sm["model"]["vel R2"]["mean"], "smoothing_vel_r2": sm["smoothing"]["vel R2"]["mean"]})
+    print(json.dumps(head))
+
+
+def fit_main(argv: Optional[Sequence[str]] = None, prog: str = "pyro-langevin fit") -> int:
+    """Fit a recording from command-line arguments; return the exit status."""
+    p = add_fit_arguments(ArgumentParser(
+        prog=prog, description="Fit LangevinFlow to your own recording: NWB or arrays in; rates, latents, figures "
+                               "and a cross-validated co-smoothing score out."))
+    return run_command(lambda session: _fit(p.parse_args(argv), session), prog)

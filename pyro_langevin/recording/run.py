@@ -1,0 +1,306 @@
+"""Fit a recording end to end: an honest score by cross-validation, then one fit, its posterior and figures.
+
+:func:`fit_recording` (what ``pyro-langevin fit`` runs) does, in ``out``:
+
+1. ``spec.json``: the run spec (:class:`~pyro_langevin.recording.config.RecordingConfig`), the
+   defaults chosen by the recording's size with the user's overrides applied.
+2. Co-smoothing cross-validation (``cv/``, :func:`cross_validate_recording`): K folds of the trials;
+   in each, a random ``cv.heldout_frac`` of the units is held out. The fold's model never sees its
+   scored trials' held-out units (they enter training through their held-in spikes only), never
+   chooses anything on them (an inner validation split picks its checkpoint), and is scored on them
+   (co-bps; vel R^2 with behaviour), as the smoothing baseline is on the same split. The folds,
+   members and scores are the core's (:mod:`pyro_langevin.crossval`), shared with the NLB wing.
+3. The fit (``checkpoints/``): the same recipe with every unit read by the guide, fitted on
+   ``1 - eval.valid_frac`` of the trials, its checkpoint picked by the ELBO of the other trials
+   (with no unit held out there is no co-bps to select on); loadable with
+   :func:`~pyro_langevin.spec.load_run`.
+4. ``posterior.nc`` (:func:`~pyro_langevin.recording.summary.to_inference_data`), the figures
+   (:func:`~pyro_langevin.recording.figures.save_figures`) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Union
+
+import numpy as np
+import torch
+
+from pyro_langevin.baseline import score_smoothing_split
+from pyro_langevin.checkpoints import load_checkpoint, resume_conflicts
+from pyro_langevin.crossval import Fold, format_cv_table, summarize_folds, train_folds
+from pyro_langevin.data.splits import kfold_indices, split_train_valid
+from pyro_langevin.devices import check_device
+from pyro_langevin.members import TrialSet
+from pyro_langevin.predictive import save_netcdf
+from pyro_langevin.recording.config import RecordingConfig, default_config, sized_settings
+from pyro_langevin.recording.data import Recording, RecordingError
+from pyro_langevin.recording.figures import save_figures
+from pyro_langevin.recording.summary import summarize_posterior, to_inference_data
+from pyro_langevin.spec import SpecError, build, check_buildable, load_run, run_meta
+from pyro_langevin.training import fit
+
+__all__ = ["recording_config", "run_meta_of", "check_resumable", "cross_validate_recording", "fit_final",
+           "fit_recording", "format_summary", "PROB"]
+
+PathLike = Union[str, Path]
+#: Mass of every posterior interval written (posterior.nc, figures).
+PROB = 0.9
+
+
+def recording_config(recording: Recording, overrides: Optional[Mapping[str, Any]] = None, quick: bool = False,
+                     epochs: Optional[int] = None) -> RecordingConfig:
+    """The run spec of ``recording``: the defaults for its size (:func:`~pyro_langevin.recording.config.default_config`),
+    then ``overrides`` (dotted keys) and ``epochs``; checked to build, and to fit the recording's size.
+
+    Raises
+    ------
+    SpecError
+        An unknown key, a bad value, settings the constructors refuse, or more folds than trials.
+    """
+    changes = dict(overrides or {})
+    if epochs is not None:
+        changes["fit.epochs"] = int(epochs)
+    cfg = check_buildable(default_config(recording.n_trials, recording.n_units, recording.n_bins, recording.bin_ms,
+                                         quick, changes))
+    if cfg.cv.folds:
+        if recording.n_units < 2:
+            raise SpecError(f"cross-validation holds units out, and {recording.source} has {recording.n_units} unit; "
+                            "set cv.folds=0 (--cv 0) to fit without a score")
+        # every fold's fit needs trials for its fit and inner validation splits
+        if recording.n_trials < 3 * cfg.cv.folds:
+            raise SpecError(f"cv.folds={cfg.cv.folds} needs at least {3 * cfg.cv.folds} trials, {recording.source} "
+                            f"has {recording.n_trials}; use fewer folds (--cv K) or --cv 0")
+    elif recording.n_trials < 2:
+        raise SpecError(f"{recording.source} has {recording.n_trials} trial: the fit needs at least 2 (one validates)")
+    return cfg
+
+
+def run_meta_of(recording: Recording, seed: int) -> Dict[str, Any]:
+    """What every checkpoint of the run records about its data (and a resumed run must match)."""
+    return {"recording": json.loads(json.dumps(recording.reading, default=str)), "size": recording.size(),
+            "run_seed": int(seed)}
+
+
+def _resume_view(cfg: RecordingConfig, meta: Mapping[str, Any]) -> Dict[str, Any]:
+    """The settings a checkpoint of this run must share: data, seed, and the spec but for what each fit sets itself."""
+    spec = cfg.to_dict()
+    for key in ("seed", "select_on", "select_mode"):
+        spec["fit"].pop(key, None)
+    return {**meta, "spec": spec}
+
+
+def check_resumable(out: Path, cfg: RecordingConfig, meta: Mapping[str, Any]) -> None:
+    """Refuse ``--resume`` when any checkpoint under ``out`` (the folds' and the fit's ``last.pt``) was
+    written by a run with other data or settings (:func:`~pyro_langevin.checkpoints.resume_conflicts`).
+
+    Raises
+    ------
+    RecordingError
+        ``--resume: FILE was written by a different run (KEY=... there, ... here)``.
+    """
+    wanted = _resume_view(cfg, meta)
+    for last in sorted(Path(out).rglob("last.pt")):
+        try:
+            saved = load_checkpoint(last).get("meta") or {}
+        except (ValueError, FileNotFoundError) as exc:
+            raise RecordingError(f"--resume: {last}: {exc}; rerun with --overwrite to start afresh") from None
+        diffs = resume_conflicts(saved, wanted)
+        if diffs:
+            raise RecordingError(f"--resume: {last} was written by a different run ({'; '.join(diffs[:4])}); use the "
+                                 "same options, or --overwrite to start afresh")
+
+
+def cross_validate_recording(recording: Recording, cfg: RecordingConfig, out: Path, seed: int = 0,
+                             device: Any = "cpu", *, workers: int = 1, resume: bool = False, progress: bool = True,
+                             meta: Optional[Mapping[str, Any]] = None,
+                             log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Co-smoothing cross-validation of ``cfg``'s recipe on ``recording`` (see the module docstring).
+
+    Fold ``f`` scores trials ``kfold_indices(n_trials, K, seed)[f]`` and holds out the units
+    ``rng.choice(n_units, n_heldout)`` of ``numpy.random.default_rng(seed + 1)`` drawn fold after fold.
+    Checkpoints go to ``out/fold{f}/checkpoints``. The smoothing baseline chooses its kernel and GLM
+    penalty on the fold's other trials (``kern_sd_ms="cv"``).
+
+    Returns
+    -------
+    dict
+        ``k``, ``n_heldout_units``, ``folds`` (per-fold records: scores of the model and the baseline,
+        the held-out unit ids, the baseline's kernel and penalty) and ``summary``
+        (:func:`~pyro_langevin.crossval.summarize_folds`).
+    """
+    k = cfg.cv.folds
+    n_out = cfg.cv.n_heldout(recording.n_units)
+    parts = kfold_indices(recording.n_trials, k, seed)
+    rng = np.random.default_rng(seed + 1)
+    heldout = [np.sort(rng.choice(recording.n_units, n_out, replace=False)) for _ in range(k)]
+    folds = [Fold(f, parts[f], TrialSet(recording.batch(heldout[f]))) for f in range(k)]
+    log(f"{k}-fold cross-validation over {recording.n_trials} trials (folds of {min(map(len, parts))}-"
+        f"{max(map(len, parts))}), {n_out} of {recording.n_units} units held out at random in each fold")
+    chosen: Dict[int, Dict[str, Any]] = {}
+
+    def baseline(data: TrialSet, scored, rest) -> Dict[str, float]:
+        info: Dict[str, Any] = {}
+        scores = score_smoothing_split(scored, rest, recording.bin_ms, "cv", info=info)
+        chosen[len(chosen)] = info
+        return scores
+
+    records, _ = train_folds(folds, cfg, out, seed, device, baseline, log=log, workers=workers, resume=resume,
+                             progress=progress, meta=dict(meta or {}))
+    for f, record in enumerate(records):
+        record["heldout_units"] = [recording.unit_ids[u].item() for u in heldout[f]]
+        record["smoothing_kernel_sd_ms"], record["smoothing_glm_alpha"] = chosen[f]["kern_sd_ms"], chosen[f]["alpha"]
+    return {"k": k, "n_heldout_units": n_out, "seed": seed, "folds": records, "summary": summarize_folds(records)}
+
+
+def fit_final(recording: Recording, cfg: RecordingConfig, out: Path, seed: int = 0, device: Any = "cpu", *,
+              resume: bool = False, progress: bool = True, meta: Optional[Mapping[str, Any]] = None,
+              log: Callable[[str], None] = print):
+    """The fit every output comes from: every unit read by the guide, checkpoint picked by the validation
+    trials' ELBO, written to ``out/checkpoints``; returns ``(load_run(out), record)``."""
+    final = dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, seed=seed, select_on="val_loss", select_mode="min"))
+    batch = recording.batch()
+    fit_trials, valid = split_train_valid(batch, cfg.eval.valid_frac, seed)
+    model, guide = build(final, recording.n_units, recording.n_units)
+    last = out / "checkpoints" / "last.pt"
+    resume_from = last if resume and last.is_file() else None
+    log(f"fit: {fit_trials.n_trials} trials, {valid.n_trials} validation trials (checkpoint by their ELBO), "
+        f"every unit read; {final.fit.epochs} epochs at most" + (" (resumed)" if resume_from else ""))
+    t0 = time.perf_counter()
+    result = fit(model, guide, fit_trials, valid, final.fit, device=device, checkpoint_dir=out / "checkpoints",
+                 resume=resume_from, progress=progress,
+                 meta=run_meta(final, recording.n_units, recording.n_units, **dict(meta or {}), role="fit"))
+    seconds = time.perf_counter() - t0
+    loaded = load_run(out, "best", map_location=device)
+    best = loaded.checkpoint
+    record = {"best_epoch": int(best["best_epoch"]), "best_val_loss": float(best["best_metric"]),
+              "epochs_run": len(result.history), "stopped_early": bool(result.stopped_early),
+              "fit_seconds": round(seconds, 1), "n_fit_trials": fit_trials.n_trials,
+              "valid_trials": [recording.trial_ids[i].item() for i in valid.index.tolist()]}
+    return loaded, record
+
+
+def fit_recording(recording: Recording, out: PathLike, *, config: Optional[RecordingConfig] = None,
+                  overrides: Optional[Mapping[str, Any]] = None, epochs: Optional[int] = None, quick: bool = False,
+                  seed: int = 0, device: Any = None, workers: int = 1, resume: bool = False, progress: bool = True,
+                  log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Score, fit and summarise ``recording`` into ``out`` (see the module docstring).
+
+    Parameters
+    ----------
+    recording : Recording
+        From :func:`~pyro_langevin.recording.nwb.read_nwb`, :func:`~pyro_langevin.recording.data.read_arrays`
+        or :meth:`~pyro_langevin.recording.data.Recording.from_arrays`.
+    out : path
+        The run folder (created; files in it are replaced).
+    config : RecordingConfig, optional
+        The run spec (default: :func:`recording_config` of the recording, ``overrides``, ``epochs``, ``quick``).
+    seed : int
+        Seeds the folds, the held-out units, the splits, the fits and the posterior draws.
+    device : str or torch.device, optional
+        ``cuda`` when available, else ``cpu``.
+    workers : int
+        Cross-validation folds trained at once in worker processes (CPU).
+    resume : bool
+        Continue the folds' and the fit's checkpoints in ``out`` (they must come from the same run,
+        :func:`check_resumable`).
+    progress : bool
+        Show the fit's progress bar.
+
+    Returns
+    -------
+    dict
+        What ``metrics.json`` holds.
+    """
+    t_start = time.perf_counter()
+    out = Path(out)
+    dev = check_device(device)
+    cfg = config if config is not None else recording_config(recording, overrides, quick, epochs)
+    meta = run_meta_of(recording, seed)
+    if resume:
+        check_resumable(out, cfg, meta)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    n, u, t = recording.n_trials, recording.n_units, recording.n_bins
+    log(f"{recording.source}: {n} trials x {t} bins of {recording.bin_ms:g} ms x {u} units"
+        + (f"; {recording.n_padded_trials} trials padded" if recording.n_padded_trials else "")
+        + (f"; {len(set(recording.conditions.tolist()))} conditions ({recording.condition_name})"
+           if recording.conditions is not None else ""))
+    for note in recording.notes:
+        log(f"  {note}")
+    cv = None
+    t_cv = time.perf_counter()
+    if cfg.cv.folds:
+        cv = cross_validate_recording(recording, cfg, out / "cv", seed, dev, workers=workers, resume=resume,
+                                      progress=progress and workers <= 1, meta=meta, log=log)
+        log(format_cv_table(cv["summary"], cv["k"], "the trials, held-out units drawn per fold"))
+    cv_seconds = time.perf_counter() - t_cv
+    t_fit = time.perf_counter()
+    (model, guide, _, _), final = fit_final(recording, cfg, out, seed, dev, resume=resume, progress=progress,
+                                            meta=meta, log=log)
+    log(f"posterior: {cfg.eval.export_draws} draws of every trial's rates and latents ...")
+    summary = summarize_posterior(model, guide, recording, cfg.eval.export_draws, PROB, seed, dev)
+    idata = to_inference_data(summary, recording, attrs={"source": recording.source, "seed": seed})
+    nc = save_netcdf(idata, out / "posterior.nc")
+    figures = save_figures(out, recording, summary, cv)
+    fit_seconds = time.perf_counter() - t_fit
+    metrics: Dict[str, Any] = {
+        "source": recording.source, "reading": recording.reading,
+        "data": {"trials": n, "units": u, "bins": t, "bin_ms": recording.bin_ms, "align": recording.align,
+                 "time_ms": [float(recording.time_ms[0]), float(recording.time_ms[-1])],
+                 "padded_trials": recording.n_padded_trials, "condition": recording.condition_name,
+                 "conditions": summary.conditions, "behavior": recording.behavior_name, "notes": recording.notes,
+                 "mean_rate_hz": float(recording.mean_rates_hz().mean())},
+        "defaults": {"size": recording.size(), "by_size": sized_settings(n, u, t, recording.bin_ms),
+                     "overrides": dict(overrides or {}), "epochs": epochs, "quick": quick},
+        "cv": cv, "fit": final,
+        "outputs": {"spec": str(out / "spec.json"), "checkpoints": str(out / "checkpoints"), "posterior": str(nc),
+                    "figures": {k: str(v) for k, v in figures.items()}, "metrics": str(out / "metrics.json")},
+        "seconds": {"cv": round(cv_seconds, 1), "fit_and_outputs": round(fit_seconds, 1),
+                    "total": round(time.perf_counter() - t_start, 1)},
+        "seed": seed, "device": str(dev), "workers": workers, "torch_threads": torch.get_num_threads(),
+        "host": platform.node(), "spec": cfg.to_dict(),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True, default=str))
+    return metrics
+
+
+def format_summary(metrics: Mapping[str, Any]) -> str:
+    """The one-screen summary printed at the end of ``pyro-langevin fit``."""
+    d, s = metrics["data"], metrics["spec"]
+    lines = [f"== {metrics['source']}",
+             f"data     {d['trials']} trials x {d['bins']} bins of {d['bin_ms']:g} ms ({d['time_ms'][0]:g}..{d['time_ms'][1]:g} ms "
+             f"from {d['align']}, bin centres) x {d['units']} units, {d['mean_rate_hz']:.1f} Hz mean"]
+    if d["condition"]:
+        lines.append(f"         {len(d['conditions'])} conditions of {d['condition']}")
+    for note in d["notes"]:
+        lines.append(f"         {note}")
+    lines.append(f"settings latent {s['model']['latent_dim']}, {s['guide']['name']} guide {s['guide']['hidden']}, "
+                 f"batch {s['fit']['batch_size']}, {s['fit']['epochs']} epochs at most (chosen by size "
+                 f"{metrics['defaults']['size']}" + (f"; overrides {metrics['defaults']['overrides']}"
+                                                    if metrics['defaults']['overrides'] else "") + ")")
+    cv = metrics.get("cv")
+    if cv:
+        sm = cv["summary"]
+        lines.append(f"score    {cv['k']}-fold co-smoothing CV, {cv['n_heldout_units']} of {d['units']} units held out "
+                     "per fold (mean +- s.e. over folds):")
+        for key in sm["model"]:
+            m, b, diff = sm["model"][key], sm["smoothing"][key], sm["difference"][key]
+            lines.append(f"         {key:<7} LangevinFlow {m['mean']:.4f} +- {m['se']:.4f}   smoothing {b['mean']:.4f} +- "
+                         f"{b['se']:.4f}   difference {diff['mean']:+.4f} +- {diff['se']:.4f}")
+    else:
+        lines.append("score    none (cv.folds = 0)")
+    f = metrics["fit"]
+    lines.append(f"fit      {f['epochs_run']} epochs ({'stopped early' if f['stopped_early'] else 'all'}), best at epoch "
+                 f"{f['best_epoch']} (validation loss {f['best_val_loss']:.4f}: negative ELBO per count, nats), {f['fit_seconds']:.0f} s")
+    o = metrics["outputs"]
+    lines.append(f"wrote    {o['spec']}, {o['checkpoints']}/ (load_run), {o['posterior']}, {o['metrics']}")
+    lines.append(f"         figures: {', '.join(Path(p).name for p in o['figures'].values())}")
+    sec = metrics["seconds"]
+    lines.append(f"time     {sec['total']:.0f} s ({sec['cv']:.0f} s cross-validation), {metrics['workers']} worker(s), "
+                 f"device {metrics['device']}")
+    return "\n".join(lines)
