@@ -10,6 +10,8 @@ One file per job:
 * :mod:`~pyro_langevin.nlb.config`: per-dataset defaults of a run (:class:`~pyro_langevin.nlb.config.NLBConfig`);
 * :mod:`~pyro_langevin.nlb.request`: one run as asked for (:class:`~pyro_langevin.nlb.request.NLBRequest`);
 * :mod:`~pyro_langevin.nlb.members`: the members' recipe, shared by runs, cross-validation and the search;
+* :mod:`~pyro_langevin.nlb.executor`: where the members train (this process, local worker processes,
+  Ray tasks) and the Ray connection the search shares;
 * :mod:`~pyro_langevin.nlb.scoring`: co-bps, fp-bps, vel R^2 through ``nlb_tools``, submission files;
 * :mod:`~pyro_langevin.nlb.baseline`: the spike-smoothing baseline;
 * :mod:`~pyro_langevin.nlb.pipeline`: train, select, export and score a run (:func:`~pyro_langevin.nlb.pipeline.run_nlb`);

@@ -107,6 +107,7 @@ def _fold_record(f: int, scored_idx: np.ndarray, specs: Sequence[MemberSpec], mo
         "single_models": [{k: float(v) for k, v in sc.items()} for sc in singles],
         "best_epochs": [m.best_epoch for m in members], "inner_valid_co_bps": [m.best_metric for m in members],
         "epochs_run": [m.epochs_run for m in members], "fit_seconds": [m.fit_seconds for m in members],
+        "executor": [m.executor for m in members],
     }
 
 
@@ -117,11 +118,13 @@ def cross_validate(request: NLBRequest, k: int = 5, *, folds: Optional[Sequence[
     Parameters
     ----------
     request : NLBRequest
-        The run: data, output folder (``cv.json``, ``submission.h5``: the fold ensemble,
-        ``fold{f}/checkpoints`` or ``fold{f}/member{i}/checkpoints``), configuration, fitting bins,
-        seed (folds, inner splits, fits, draws), device and workers (every fold's members are trained
-        together, that many at once). Scores are always at ``request.bin_ms``. A cross-validation
-        is not resumed: ``request.resume`` is refused.
+        The run: data, output folder (``cv.json``, ``submission.h5``: the fold ensemble), checkpoint
+        folder (``request.storage``, default ``out``: ``fold{f}/checkpoints`` or
+        ``fold{f}/member{i}/checkpoints``), configuration, fitting bins, seed (folds, inner splits,
+        fits, draws), device and executor (every fold's members are trained together: in local worker
+        processes, or as Ray tasks with ``request.address``) and ``resume`` (finished members are
+        read back from their done-files, the others continue from their ``last.pt``). Scores are
+        always at ``request.bin_ms``.
     k : int
         Number of folds (>= 2).
     folds : sequence of int, optional
@@ -141,8 +144,6 @@ def cross_validate(request: NLBRequest, k: int = 5, *, folds: Optional[Sequence[
     t_start = time.perf_counter()
     if isinstance(k, bool) or not isinstance(k, int) or k < 2:
         raise SpecError(f"cross-validation needs k >= 2 folds, got {k!r}")
-    if request.resume:
-        raise SpecError("a cross-validation cannot be resumed; start afresh")
     recipe = member_recipe(request, data)
     data, fit_data, cfg, seed, out = recipe.data, recipe.fit_data, recipe.cfg, request.seed, request.out
     parts = kfold_indices(data.n_train, k, seed)
@@ -163,13 +164,14 @@ def cross_validate(request: NLBRequest, k: int = 5, *, folds: Optional[Sequence[
         fit_scored = fit_data.train[torch.as_tensor(parts[f], dtype=torch.long)]
         fit_rest = fit_data.train[torch.as_tensor(rest_rows, dtype=torch.long)]
         fold_specs = fold_members(fit_rest, [fit_scored, fit_data.eval], cfg.eval.n_models, cfg.eval.valid_frac,
-                                  seed + 1000 * (f + 1), out / f"fold{f}")
+                                  seed + 1000 * (f + 1), request.checkpoint_root.resolve() / f"fold{f}")
         for spec in fold_specs:
             spec.index = len(specs)
             specs.append(spec)
         splits[f] = (scored, rest, fold_specs)
-    trained = train_members(specs, cfg, fit_data, recipe.device, workers=request.workers, log=log, export_seed=seed,
-                            progress=request.progress, meta=dict(request.meta(), cv_k=k))
+    trained = train_members(specs, cfg, fit_data, recipe.device, executor=request.executor(), log=log,
+                            export_seed=seed, resume=request.resume, progress=request.progress,
+                            threads=request.threads, meta=dict(request.meta(), cv_k=k))
     trained = [dataclasses.replace(m, rates=recipe.to_scored_bins(m.rates)) for m in trained]
 
     records: List[Dict[str, Any]] = []
