@@ -141,28 +141,31 @@ def test_vectorised_means_match_the_per_draw_loop_up_to_monte_carlo_error(data):
     torch.testing.assert_close(vec["z_std"], loop["z_std"], rtol=0.25, atol=1e-3)
 
 
+class Recording(nn.Module):
+    """``guide`` behind a wrapper that records the trials of every call in ``seen``. It does not
+    declare ``supports_draws_plate``, so its draws are tiled trials."""
+
+    def __init__(self, guide: nn.Module, seen: list) -> None:
+        super().__init__()
+        self.guide, self.seen = guide, seen
+
+    def forward(self, batch):
+        self.seen.append(batch.n_trials)
+        self.guide(batch)
+
+
 def test_max_tiled_bounds_the_trials_traced_at_once(data):
     model, g = build(data)
     seen = []
-
-    class Recording(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.g = g
-
-        def forward(self, batch):
-            seen.append(batch.n_trials)
-            self.g(batch)
-
     batch = data.train  # 8 trials
-    out = posterior_means(model, Recording(), batch, n_samples=5, batch_size=4, max_tiled=8)
+    out = posterior_means(model, Recording(g, seen), batch, n_samples=5, batch_size=4, max_tiled=8)
     assert seen == [8, 8, 4] * 2  # chunks of 4 trials, 2 draws a pass, 2 + 2 + 1 draws
     assert out["rates"].shape == (8, 12, 6)
     seen.clear()
-    posterior_means(model, Recording(), batch, n_samples=5, batch_size=256, max_tiled=3)
+    posterior_means(model, Recording(g, seen), batch, n_samples=5, batch_size=256, max_tiled=3)
     assert max(seen) == 3 and sum(seen) == 5 * 8  # chunks shrink to the budget, one draw a pass
     seen.clear()
-    posterior_means(model, Recording(), batch, n_samples=4, batch_size=3)  # default budget: batch_size
+    posterior_means(model, Recording(g, seen), batch, n_samples=4, batch_size=3)  # default budget: batch_size
     assert max(seen) <= 3 and sum(seen) == 4 * 8
 
 
@@ -271,20 +274,10 @@ def test_a_guide_without_plate_support_falls_back_to_tiled_trials(data):
     """A guide that does not declare ``supports_draws_plate`` (a wrapper, a user's own guide) is drawn
     by tiling its trials, as before; the default is the plate only when model and guide both declare it."""
     model, g = build(data)
-
-    class Wrapped(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.g = g
-
-        def forward(self, batch):
-            seen.append(batch.n_trials)
-            self.g(batch)
-
     seen = []
-    assert not plate_supported(model, Wrapped()) and not plate_supported(nn.Identity(), g)
+    assert not plate_supported(model, Recording(g, seen)) and not plate_supported(nn.Identity(), g)
     torch.manual_seed(5)
-    wrapped = posterior_means(model, Wrapped(), data.train, n_samples=4, max_tiled=16)
+    wrapped = posterior_means(model, Recording(g, seen), data.train, n_samples=4, max_tiled=16)
     assert seen == [16, 16]  # 8 trials x 2 draws a pass, tiled
     torch.manual_seed(5)
     direct = posterior_means(model, g, data.train, n_samples=4, max_tiled=16)
