@@ -194,3 +194,16 @@ def test_more_gpus_per_member_than_the_cluster_has(cluster, tmp_path, capsys):
     assert nlb_main([*QUICK, "--out", str(tmp_path / "o"), "--address", "auto", "--gpus-per-member", "0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--gpus-per-member 0.5: the Ray cluster has 0 GPUs" in err
+
+
+def test_a_failing_task_raises_its_own_error(cluster):
+    """A model's own error (bad input is one line at the command line) comes back as itself, not
+    wrapped in Ray's task error; the map also keeps the items' order and says where each ran."""
+    from pyro_langevin.nlb.executor import Executor
+
+    on_ray = Executor(address="auto")
+    with pytest.raises(ValueError, match="invalid literal") as err:
+        on_ray.map(int, ["7", "x"])
+    assert type(err.value) is ValueError
+    done = on_ray.map(int, ["3", "1", "2"])
+    assert [r for r, _ in done] == [3, 1, 2] and {p.backend for _, p in done} == {"ray"}

@@ -200,9 +200,12 @@ class Executor:
                     ready, _ = ray.wait(list(pending), num_returns=1)
                     i = pending.pop(ready[0])
                     finish(i, ray.get(ready[0]))
-            except BaseException:
+            except BaseException as exc:
                 for ref in pending:  # an error or Ctrl-C here: stop the other models too
                     ray.cancel(ref, force=True)
+                cause = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else None
+                if isinstance(cause, Exception):  # the task's own error (bad input: one line), not Ray's wrapper
+                    raise cause from None
                 raise
 
 
