@@ -1,13 +1,18 @@
-"""Time of posterior draws for export: S = 50 over S = 1, per-draw loop (before) and tiled passes (after).
+"""Time of posterior draws for export: S = 50 over S = 1, per-draw loop, tiled trials and the draws plate.
 
 MC_Maze_Small size: 100 trials, 140 observed + 40 forward bins, 107 held-in + 35 held-out = 142
 neurons, latent 32, GRU guide hidden 128 (untrained weights: the cost does not depend on them).
-"before" is ``posterior_means(..., draws_per_pass=1, share_encoder=False)``, one guide + model
-pass per draw (the behaviour up to issue 12); "tiled, encoder per pass" tiles several draws into
-one pass but re-runs the guide's GRU encoder every pass; "after" (the default) also encodes each
-chunk of trials once (``share_encoder``), at most ``--max-tiled`` tiled trials at once (one line
-per value). Each S = 1 time is the median of
-``--repeats`` calls, each S = 50 time one call. The last lines hold the word ``ratio``.
+Variants of ``posterior_means``:
+
+* "per-draw loop": ``draws_per_pass=1, share_encoder=False``, one guide + model pass per draw (the
+  behaviour up to issue 12);
+* "tiled": ``draws_plate=False``, several draws a pass as tiled copies of the trials, the encoder
+  once per chunk (issue 12 to issue 25);
+* "plate" (the default since issue 25): ``draws_plate=True``, several draws a pass inside
+  ``pyro.plate("draws", k)`` with the trials not copied;
+
+each at most ``--max-tiled`` draws x trials a pass (one line per value). Each S = 1 time is the
+median of ``--repeats`` calls, each S = 50 time one call. The last lines hold the word ``ratio``.
 
 Usage::
 
@@ -47,11 +52,10 @@ def main() -> None:
         posterior_means(model, guide, batch, n_samples=s, **kw)
 
     run(1, batch_size=2)  # warm up
-    variants = [("before: one draw a pass", dict(draws_per_pass=1, batch_size=args.batch_size, share_encoder=False))]
-    variants += [(f"tiled {m}, encoder per pass", dict(max_tiled=m, batch_size=min(m, args.batch_size), share_encoder=False))
-                 for m in args.max_tiled[:1]]
-    variants += [(f"after: max_tiled={m}", dict(max_tiled=m, batch_size=min(m, args.batch_size)))
-                 for m in args.max_tiled]
+    variants = [("per-draw loop", dict(draws_per_pass=1, batch_size=args.batch_size, share_encoder=False))]
+    for m in args.max_tiled:
+        variants += [(f"{how}: max_tiled={m}", dict(max_tiled=m, batch_size=min(m, args.batch_size), draws_plate=plate))
+                     for how, plate in (("tiled", False), ("plate", True))]
     print(f"posterior_means on {device} ({args.threads} threads): {args.trials} trials x 180 bins (140+40) x "
           f"142 neurons (107 held-in), latent 32, GRU hidden 128, chunks of {args.batch_size} trials")
     rows = []
@@ -59,12 +63,12 @@ def main() -> None:
         t1 = statistics.median(seconds(lambda: run(1, **kw), device) for _ in range(args.repeats))
         ts = seconds(lambda: run(args.samples, **kw), device)
         rows.append((name, t1, ts))
-        print(f"  {name:<28} S=1 {t1:7.3f} s   S={args.samples} {ts:7.2f} s   ({ts / args.samples:.3f} s/draw)",
+        print(f"  {name:<24} S=1 {t1:7.3f} s   S={args.samples} {ts:7.2f} s   ({ts / args.samples:.3f} s/draw)",
               flush=True)
     for name, t1, ts in rows:
         print(f"ratio S={args.samples}/S=1 {name}: {ts / t1:.1f}")
-    best = min(rows[2:], key=lambda r: r[2])
-    print(f"ratio S={args.samples} before/after ({best[0]}): {rows[0][2] / best[2]:.2f}")
+    for (tiled, _, t_tiled), (plate, _, t_plate) in zip(rows[1::2], rows[2::2]):
+        print(f"ratio S={args.samples} tiled/plate ({plate.split(': ')[1]}): {t_tiled / t_plate:.2f}")
 
 
 if __name__ == "__main__":

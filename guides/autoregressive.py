@@ -87,6 +87,8 @@ class AutoregressiveGuide(EncoderGuide):
         self, t: int, z: torch.Tensor, v: torch.Tensor, prior: TransitionOutput, ctx: tuple[torch.Tensor, torch.Tensor]
     ) -> Optional[dist.Distribution]:
         h = ctx[0][:, t]
+        # under a draws plate z and v carry a leading draws dimension that the data features lack
+        h = h.expand(*z.shape[:-1], h.shape[-1])
         force, log_scale = self.force_head(torch.cat([h, z, v], dim=-1))
         if self.spline is None:
             return shifted_prior(prior, force, log_scale)

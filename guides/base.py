@@ -52,6 +52,11 @@ class StepwiseGuide(PyroRegistered):
     #: :meth:`prepare` draws no random numbers in eval mode, so :meth:`shared_context` may reuse it.
     #: False here (a subclass may draw in ``prepare``); the package's guides set it True.
     deterministic_prepare: bool = False
+    #: :meth:`initial` and :meth:`step` broadcast over a leading draws dimension of ``z`` and ``v``
+    #: (inside ``pyro.plate("draws", S, dim=-2)``: ``posterior_means`` takes S draws in one pass).
+    #: False here (a subclass may concatenate per-trial features with the state); the package's
+    #: guides set it True. Without it, ``posterior_means`` tiles the trials instead.
+    supports_draws_plate: bool = False
 
     def __init__(self, model: LangevinFlow) -> None:
         super().__init__()
@@ -282,6 +287,7 @@ class EncoderGuide(StepwiseGuide):
     """
 
     deterministic_prepare = True
+    supports_draws_plate = True
 
     def __init__(
         self, model: LangevinFlow, n_heldin: int, hidden: int = 64, bidirectional: bool = True, dropout: float = 0.05

@@ -46,6 +46,7 @@ class GRUGuide(StepwiseGuide):
     """
 
     deterministic_prepare = True
+    supports_draws_plate = True
 
     def __init__(
         self,

@@ -51,6 +51,7 @@ class MeanFieldGuide(StepwiseGuide):
     """
 
     deterministic_prepare = True
+    supports_draws_plate = True
 
     def __init__(self, model: LangevinFlow, n_trials: int, n_observed_bins: int, init_scale: float = 0.1) -> None:
         super().__init__(model)

@@ -59,7 +59,16 @@ class LangevinFlow(PyroRegistered):
         Options of the named potential (e.g. ``boundary="ring"``).
     decoder_kwargs : dict, optional
         Options of :class:`~pyro_langevin.decoder.TransformerDecoder`.
+
+    Notes
+    -----
+    Every site broadcasts over plates outside ``"trials"`` (dim -1): inside
+    ``pyro.plate("draws", S, dim=-2)`` one call draws S independent latent paths of every trial
+    (sites of shape (S, trial, ...)), as ``posterior_means`` does (:attr:`supports_draws_plate`).
     """
+
+    #: Sites broadcast over a ``pyro.plate("draws", S, dim=-2)`` around the call (see Notes).
+    supports_draws_plate: bool = True
 
     def __init__(
         self,

@@ -17,7 +17,7 @@ Every accuracy number the project reports comes from here, through a wing (the N
 
 A fold may bring its own data (:attr:`Fold.data`): a recording holds out other neurons in every
 fold, so each fold's batches order the neurons its own way. :func:`train_folds` trains every member
-of every fold in one :func:`~pyro_langevin.members.train_members` call (in parallel with workers).
+of every fold in one :func:`~pyro_langevin.members.train_members` call (on one executor).
 :func:`summarize_folds` gives mean and standard error over folds for the model, the baseline and
 their paired difference; :func:`format_cv_table` prints them.
 """
@@ -94,6 +94,7 @@ def fold_record(f: int, scored_idx: np.ndarray, specs: Sequence[MemberSpec], mod
         "single_models": [{k: float(v) for k, v in sc.items()} for sc in singles],
         "best_epochs": [m.best_epoch for m in members], "inner_valid_co_bps": [m.best_metric for m in members],
         "epochs_run": [m.epochs_run for m in members], "fit_seconds": [m.fit_seconds for m in members],
+        "executor": [m.executor for m in members],
     }
 
 
@@ -129,7 +130,7 @@ def train_folds(
     log : callable
         Receives progress lines (one per fold with its scores).
     train_kwargs
-        Go to :func:`~pyro_langevin.members.train_members` (``workers``, ``progress``, ``meta``, ...).
+        Go to :func:`~pyro_langevin.members.train_members` (``executor``, ``resume``, ``progress``, ``meta``, ...).
 
     Returns
     -------

@@ -81,9 +81,19 @@ class TransformerDecoder(nn.Module):
         self.readout.bias.copy_(torch.log(mean_counts.clamp_min(1e-3)).to(self.readout.bias))
 
     def forward(self, z: torch.Tensor, v: torch.Tensor, pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Log-rates of shape (trial, time, neuron) from ``z``, ``v`` of shape (trial, time, D)."""
-        h = self.project(torch.cat([z, v], dim=-1))
+        """Log-rates of shape (..., trial, time, neuron) from ``z``, ``v`` of shape (..., trial, time, D).
+
+        Leading dimensions (e.g. posterior draws in a ``pyro.plate("draws", S)``) are batched with the
+        trials: the Transformer sees ``prod(...) * trial`` sequences. ``pad_mask`` (trial, time) or
+        (..., trial, time), True where a bin is padding, broadcasts over them.
+        """
+        x = torch.cat(torch.broadcast_tensors(z, v), dim=-1)
+        lead, (n_bins, width) = x.shape[:-2], x.shape[-2:]
+        h = self.project(x.reshape(-1, n_bins, width))
         if self.positional == "sinusoidal":
             h = h + sinusoidal_encoding(h.shape[-2], h.shape[-1], device=h.device, dtype=h.dtype)
+        if pad_mask is not None:
+            pad_mask = pad_mask.expand(*lead, n_bins).reshape(-1, n_bins)
         h = self.norm(self.layer(h, src_key_padding_mask=pad_mask))
-        return bound_log_rates(self.readout(h))
+        out = bound_log_rates(self.readout(h))
+        return out.reshape(*lead, n_bins, out.shape[-1])

@@ -13,19 +13,22 @@ same way, so a search tunes and a cross-validation scores exactly the model a ru
   trials, a cross-validation fold's scored trials) with only their held-in observed spikes: no
   validation or evaluation target reaches the likelihood;
 * :func:`build_member`: the member's configuration (its own seed) and its seeded model and guide;
-* :func:`train_member` / :func:`train_members`: :func:`~pyro_langevin.training.fit` selecting on the
-  validation co-bps (:func:`cobps_metric`), then the model and guide rebuilt from ``best.pt`` alone
+* :func:`train_member`: :func:`~pyro_langevin.training.fit` selecting on the validation co-bps
+  (:func:`cobps_metric`), then the model and guide rebuilt from ``best.pt`` alone
   (:func:`~pyro_langevin.spec.load_run`) and :func:`export_rates`: the mean of
   ``eval.export_draws`` posterior draws for every trial of the run's data (:class:`Trials`: a
-  ``train`` batch and an ``eval`` batch, e.g. :class:`TrialSet` or the NLB wing's ``NLBData``).
+  ``train`` batch and an ``eval`` batch, e.g. :class:`TrialSet` or the NLB wing's ``NLBData``);
+* :func:`train_members`: every member on an :class:`~pyro_langevin.executor.Executor` (this
+  process, local worker processes or Ray tasks); each finished member leaves a done-file
+  (:data:`DONE_FILE`: its exported rates and where it ran) beside its checkpoints, so a resumed run
+  reads it back instead of training it again (:func:`finished_member`).
 """
 
 from __future__ import annotations
 
-import concurrent.futures as futures
 import dataclasses
-import multiprocessing
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -35,8 +38,10 @@ import pyro
 import torch
 
 from pyro_langevin.batch import Batch
+from pyro_langevin.checkpoints import CheckpointMismatchError, load_checkpoint, resume_conflicts, save_checkpoint
 from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.data.splits import TrialSizes, build_training_batch, kfold_indices, split_train_valid
+from pyro_langevin.executor import Executor, Placement
 from pyro_langevin.posterior import posterior_rates
 from pyro_langevin.scoring import Rates, score_local
 from pyro_langevin.spec import FitConfig, RunSpec, SpecError, build, load_run, register_spec_class, run_meta
@@ -44,7 +49,8 @@ from pyro_langevin.training import fit
 
 __all__ = [
     "EvalConfig", "SELECTION", "MemberRunSpec", "Trials", "TrialSet", "cobps_metric", "export_rates", "MemberSpec",
-    "MemberResult", "same_trials", "fold_members", "build_member", "train_member", "train_members",
+    "MemberResult", "same_trials", "fold_members", "member_config", "member_meta", "build_member", "train_member",
+    "train_members", "DONE_FILE", "write_done", "finished_member",
 ]
 
 
@@ -186,6 +192,9 @@ class MemberResult:
     stopped_early: bool
     fit_seconds: float
     valid_curve: List[List[float]] = field(default_factory=list)
+    #: Where it trained (:class:`~pyro_langevin.executor.Placement` as a dict; ``reused``: read
+    #: back from its done-file by a resumed run).
+    executor: Dict[str, Any] = field(default_factory=dict)
 
 
 def same_trials(batch: Batch, like: Batch) -> Batch:
@@ -219,10 +228,22 @@ def fold_members(train: Batch, heldin_only: Sequence[Batch], n_models: int, vali
     return specs
 
 
+def member_config(spec: MemberSpec, cfg: MemberRunSpec) -> MemberRunSpec:
+    """The member's own run spec: ``cfg`` with the member's seed (stored with its checkpoints)."""
+    return dataclasses.replace(cfg, fit=cfg.member_fit(spec.seed))
+
+
+def member_meta(spec: MemberSpec, cfg: MemberRunSpec, data: Trials, meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """What the member's checkpoints record (:func:`~pyro_langevin.spec.run_meta` of its own run spec,
+    the run's ``meta``, its number): what rebuilds it, and what a resumed run must match."""
+    data = spec.trials if spec.trials is not None else data
+    return run_meta(member_config(spec, cfg), data.n_neurons, data.n_heldin, **(meta or {}), member=spec.index)
+
+
 def build_member(spec: MemberSpec, cfg: MemberRunSpec, data: Trials) -> Tuple[MemberRunSpec, Any, Any]:
-    """The member's own run spec (``cfg`` with the member's seed, stored with its checkpoints) and its
-    freshly built model and guide, initialised from that seed."""
-    cfg = dataclasses.replace(cfg, fit=cfg.member_fit(spec.seed))
+    """The member's own run spec (:func:`member_config`) and its freshly built model and guide,
+    initialised from that seed."""
+    cfg = member_config(spec, cfg)
     model, guide = build(cfg, data.n_neurons, data.n_heldin)
     return cfg, model, guide
 
@@ -246,22 +267,35 @@ def train_member(
     The rates (counts per bin, mean of ``cfg.eval.export_draws`` draws) come from ``best.pt``, never
     from the last epoch, for every training and evaluation trial (see :func:`export_rates`): the
     model and guide are rebuilt from that checkpoint alone (:func:`~pyro_langevin.spec.load_run`).
+    With ``resume`` the fit continues from the member's ``last.pt``, which must have been written by
+    the same recipe (its meta, :func:`member_meta`; a ``run_id`` may differ).
+
+    Raises
+    ------
+    CheckpointMismatchError
+        ``resume`` finds a ``last.pt`` of another recipe (one line naming the settings that differ).
     """
     dev = torch.device(device)
     if dev.type == "cpu" and threads:
         torch.set_num_threads(int(threads))
     data = spec.trials if spec.trials is not None else data
     train = spec.training_batch()
+    wanted = member_meta(spec, cfg, data, meta)
     cfg, model, guide = build_member(spec, cfg, data)
     last = spec.checkpoint_dir / "last.pt"
     resume_from = last if resume and last.is_file() else None
     if resume and resume_from is None:
         log(f"no checkpoint at {last}: starting afresh")
+    if resume_from is not None:
+        saved = load_checkpoint(last).get("meta") or {}
+        diffs = resume_conflicts(saved, {k: v for k, v in wanted.items() if k != "run_id"})
+        if diffs:
+            raise CheckpointMismatchError(f"{last} was written by a different run ({'; '.join(diffs[:4])}); use the "
+                                          "same options, or start afresh without --resume")
     t_fit = time.perf_counter()
     result = fit(model, guide, train, spec.valid, cfg.fit, device=dev,
                  metric_fn=metric_fn or cobps_metric(cfg.eval.select_draws, export_seed),
-                 checkpoint_dir=spec.checkpoint_dir, resume=resume_from, progress=progress,
-                 meta=run_meta(cfg, data.n_neurons, data.n_heldin, **(meta or {}), member=spec.index))
+                 checkpoint_dir=spec.checkpoint_dir, resume=resume_from, progress=progress, meta=wanted)
     seconds = time.perf_counter() - t_fit
     model, guide, _, best = load_run(spec.checkpoint_dir, "best", map_location=dev)
     log(f"exporting rates from {spec.checkpoint_dir / 'best.pt'}: mean of {cfg.eval.export_draws} posterior "
@@ -272,9 +306,92 @@ def train_member(
                         len(result.history), result.stopped_early, round(seconds, 1), curve)
 
 
-def _train_in_worker(spec: MemberSpec, cfg: MemberRunSpec, data: Trials, device: str, kwargs: Dict[str, Any]) -> MemberResult:
-    torch.set_num_threads(1)
-    return train_member(spec, cfg, data, device, progress=False, log=lambda s: None, **kwargs)
+# ----- finished members: the done-file -----
+#: A finished member's record in its checkpoint folder, written atomically after its export: its
+#: exported rates, scores, where it ran, and the recipe (meta) and export seed it finished.
+DONE_FILE = "done.pt"
+_DONE_FORMAT = 1
+
+
+def write_done(spec: MemberSpec, result: MemberResult, meta: Dict[str, Any], export_seed: int,
+               run_id: Optional[str] = None) -> Path:
+    """Mark ``spec``'s member finished: ``{checkpoint_dir}/done.pt`` with ``result`` (plain data)."""
+    record = {k: v for k, v in dataclasses.asdict(result).items() if k != "rates"}
+    rates = {"train": result.rates.train, "eval": result.rates.eval, "n_heldin": result.rates.n_heldin,
+             "n_observed_bins": result.rates.n_observed_bins}
+    return save_checkpoint(spec.checkpoint_dir / DONE_FILE, {
+        "format": _DONE_FORMAT, "meta": meta, "export_seed": int(export_seed), "run_id": run_id,
+        "result": record, "rates": rates})
+
+
+def finished_member(spec: MemberSpec, meta: Dict[str, Any], export_seed: int,
+                    run_id: Optional[str] = None) -> Optional[MemberResult]:
+    """The member's result from its done-file when it finished exactly this recipe, else None.
+
+    Finished means: ``done.pt`` and ``best.pt`` are in its checkpoint folder, the done-file is readable
+    and records the same ``meta`` (:func:`member_meta`, every setting including the epochs) and
+    ``export_seed``; with ``run_id``, also written by that run. Anything else (a truncated file, an
+    older format, another recipe) is not finished: the member trains (resuming its ``last.pt``).
+    """
+    path = spec.checkpoint_dir / DONE_FILE
+    if not path.is_file() or not (spec.checkpoint_dir / "best.pt").is_file():
+        return None
+    try:
+        saved = load_checkpoint(path)
+        if (saved.get("format") != _DONE_FORMAT or saved.get("meta") != meta or saved.get("export_seed") != export_seed
+                or (run_id is not None and saved.get("run_id") != run_id)):
+            return None
+        return MemberResult(**dict(saved["result"], rates=Rates(**saved["rates"])))
+    except (ValueError, KeyError, TypeError, NLBDataError):
+        return None
+
+
+# ----- every member of a run, on an executor -----
+@dataclass(frozen=True)
+class _TaskOptions:
+    """What every member task of one :func:`train_members` call shares (plain data: it is pickled)."""
+
+    backend: str
+    device: str
+    threads: Optional[int]
+    export_seed: int
+    resume: bool
+    meta: Dict[str, Any]
+    run_id: str
+    metric_fn: Optional[Callable] = None
+    progress: bool = False
+    log: Optional[Callable[[str], None]] = None  # this process only (serial)
+
+
+def _member_task(spec: MemberSpec, cfg: MemberRunSpec, data: Trials, opts: _TaskOptions) -> MemberResult:
+    """One member where the executor runs it: skip it if this run already finished it (a Ray retry),
+    resume its ``last.pt`` if this run wrote it, else train afresh; write its done-file."""
+    t0 = time.perf_counter()
+    meta = member_meta(spec, cfg, data, opts.meta)
+    again = finished_member(spec, meta, opts.export_seed, run_id=opts.run_id)
+    if again is not None:
+        return again
+    last = spec.checkpoint_dir / "last.pt"
+    resume = opts.resume or _written_by(last, opts.run_id)
+    if not resume:
+        (spec.checkpoint_dir / DONE_FILE).unlink(missing_ok=True)  # an earlier run's: stale from now on
+    result = train_member(spec, cfg, data, opts.device, export_seed=opts.export_seed, resume=resume,
+                          progress=opts.progress and opts.backend == "serial", metric_fn=opts.metric_fn,
+                          threads=1 if opts.backend == "processes" else opts.threads,
+                          meta=dict(opts.meta, run_id=opts.run_id), log=opts.log or (lambda s: None))
+    result.executor = Placement.here(opts.backend, time.perf_counter() - t0).to_dict()
+    write_done(spec, result, meta, opts.export_seed, opts.run_id)
+    return result
+
+
+def _written_by(last: Path, run_id: str) -> bool:
+    """Whether ``last`` is a readable checkpoint written by the run ``run_id`` (a retried task's own)."""
+    if not last.is_file():
+        return False
+    try:
+        return (load_checkpoint(last).get("meta") or {}).get("run_id") == run_id
+    except ValueError:
+        return False
 
 
 def train_members(
@@ -283,39 +400,61 @@ def train_members(
     data: Trials,
     device: Union[str, torch.device] = "cpu",
     *,
-    workers: int = 1,
+    executor: Optional[Executor] = None,
+    export_seed: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+    metric_fn: Optional[Callable] = None,
+    threads: Optional[int] = None,
+    meta: Optional[Dict[str, Any]] = None,
     log: Callable[[str], None] = print,
-    **kwargs: Any,
 ) -> List[MemberResult]:
-    """Train every member; ``workers > 1`` trains that many at once in separate processes (CPU only).
+    """Train every member on ``executor`` (default: one after the other in this process).
 
-    ``kwargs`` go to :func:`train_member` (``export_seed``, ``resume``, ``threads``, ``meta``;
-    ``progress`` and ``metric_fn`` only with one worker). Results come back in member order.
+    Each member is trained by :func:`train_member` where the executor puts it (this process, a local
+    worker process, or a Ray task on ``executor.device``) and marked finished by its done-file
+    (:data:`DONE_FILE`, with its exported rates). With ``resume``, finished members are not trained
+    again (their results are read back, ``executor["reused"]`` True) and the others continue from
+    their ``last.pt``. A Ray task that is retried after its worker or node died continues from the
+    ``last.pt`` its first attempt wrote. The other options go to :func:`train_member` (``progress``
+    only in this process; a custom ``metric_fn`` cannot be sent to local worker processes). Results
+    come back in member order, each with ``executor``: where it ran (backend, Ray node id, host,
+    process, seconds).
     """
-    dev = torch.device(device)
-    if workers <= 1 or len(specs) == 1 or dev.type != "cpu":
-        results = []
-        for spec in specs:
-            res = train_member(spec, cfg, data, dev, log=log, **kwargs)
-            _log_member(res, len(specs), log)
-            results.append(res)
-        return results
-    if kwargs.get("metric_fn") is not None:
-        raise ValueError("a custom metric_fn cannot be sent to worker processes; use workers=1")
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("progress", "metric_fn")}
+    executor = executor or Executor()
+    dev = torch.device(executor.device or device)
     done: Dict[int, MemberResult] = {}
-    ctx = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
-    with futures.ProcessPoolExecutor(max_workers=min(workers, len(specs)), mp_context=ctx) as pool:
-        jobs = [pool.submit(_train_in_worker, spec, cfg, data, str(dev), kwargs) for spec in specs]
-        log(f"training {len(specs)} members in {min(workers, len(specs))} worker processes ...")
-        for job in futures.as_completed(jobs):
-            res = job.result()
-            done[res.index] = res
-            _log_member(res, len(specs), log)
+    todo: List[MemberSpec] = []
+    for spec in specs:
+        earlier = finished_member(spec, member_meta(spec, cfg, data, meta), export_seed) if resume else None
+        if earlier is not None:
+            earlier.executor = dict(earlier.executor, reused=True)
+            done[spec.index] = earlier
+            log(f"{_who(earlier, len(specs))}: finished earlier ({spec.checkpoint_dir / DONE_FILE}); not trained again")
+        else:
+            todo.append(spec)
+    backend = executor.backend(len(todo), dev.type)
+    if backend == "processes" and metric_fn is not None:
+        raise ValueError("a custom metric_fn cannot be sent to worker processes; use workers=1")
+    opts = _TaskOptions(backend, str(dev), executor.threads if backend == "ray" else threads, export_seed, resume,
+                        dict(meta or {}), uuid.uuid4().hex, metric_fn, progress, log if backend == "serial" else None)
+    if todo:
+        log(executor.describe(len(todo), dev.type) + " ...")
+
+    def finished(i: int, res: MemberResult, placement: Any) -> None:
+        done[res.index] = res
+        _log_member(res, len(specs), log)
+
+    executor.map(_member_task, todo, cfg, data, opts, device_type=dev.type, on_result=finished)
     return [done[s.index] for s in specs]
 
 
+def _who(res: MemberResult, n: int) -> str:
+    return "fit" if n == 1 else f"member {res.index + 1}/{n}"
+
+
 def _log_member(res: MemberResult, n: int, log: Callable[[str], None]) -> None:
-    who = "fit" if n == 1 else f"member {res.index + 1}/{n}"
-    log(f"{who}: {res.epochs_run} epochs in {res.fit_seconds:.0f} s; best validation co-bps "
+    where = res.executor or {}
+    on = f" on Ray node {where['node_id'][:8]} ({where.get('host')})" if where.get("node_id") else ""
+    log(f"{_who(res, n)}: {res.epochs_run} epochs in {res.fit_seconds:.0f} s{on}; best validation co-bps "
         f"{res.best_metric:.4f} at epoch {res.best_epoch}")

@@ -1,16 +1,21 @@
-"""Posterior summaries by sampling the guide and replaying the model, streamed over samples and trials."""
+"""Posterior summaries by sampling the guide and replaying the model, streamed over samples and trials.
+
+Several draws of a chunk of trials are one guide + model pass: inside ``pyro.plate("draws", k)``
+when the model and guide broadcast over it (:func:`plate_supported`), else by tiling the trials.
+"""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from typing import Callable, Optional, Sequence
 
+import pyro
 import torch
 from pyro import poutine
 
 from pyro_langevin.batch import Batch, BatchError
 
-__all__ = ["posterior_means", "posterior_rates", "eval_mode", "check_posterior_inputs"]
+__all__ = ["posterior_means", "posterior_rates", "eval_mode", "check_posterior_inputs", "plate_supported"]
 
 
 class eval_mode:
@@ -64,13 +69,39 @@ def _draws_per_pass(n_trials: int, n_samples: int, max_tiled: int, draws_per_pas
     return max(1, min(n_samples, max_tiled // n_trials))
 
 
-def _trace_draws(model: Callable, guide: Callable, chunk: Batch, k: int) -> tuple[Batch, "poutine.Trace"]:
-    """One guide + model pass over ``k`` copies of ``chunk`` tiled along the trial axis (draw-major)."""
+#: The plate of posterior draws: outside ``"trials"`` (dim -1), as Pyro's ``vectorize_particles``.
+DRAWS_PLATE, DRAWS_DIM = "draws", -2
+
+
+def plate_supported(model: Callable, guide: Callable) -> bool:
+    """Whether ``model`` and ``guide`` both declare ``supports_draws_plate`` (their sites broadcast over
+    a leading draws dimension: :class:`~pyro_langevin.models.LangevinFlow` and the package's guides)."""
+    return bool(getattr(model, "supports_draws_plate", False) and getattr(guide, "supports_draws_plate", False))
+
+
+def _trace_draws(model: Callable, guide: Callable, chunk: Batch, k: int, plate: bool = False) -> "poutine.Trace":
+    """One guide + model pass giving ``k`` draws of every trial of ``chunk``; the model trace, whose
+    sites have shape (k, trial, ...).
+
+    With ``plate`` the pass runs inside ``pyro.plate("draws", k, dim=-2)``; otherwise ``chunk`` is tiled
+    ``k`` times along the trial axis (draw j of trial i is row j * n + i) and the values reshaped.
+    Both take the same random numbers in the same order, so the draws agree up to float rounding.
+    """
+    if plate:
+        with pyro.plate(DRAWS_PLATE, k, dim=DRAWS_DIM):
+            guide_trace = poutine.trace(guide).get_trace(chunk)
+            return poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(chunk)
+    n = chunk.n_trials
     if k > 1:
-        # draw j of trial i is row j * n + i; Batch indexing keeps ``index`` (the mean-field guide keys on it)
-        chunk = chunk[torch.arange(chunk.n_trials, device=chunk.device).repeat(k)]
+        # Batch indexing keeps ``index`` (the mean-field guide keys on it)
+        chunk = chunk[torch.arange(n, device=chunk.device).repeat(k)]
     guide_trace = poutine.trace(guide).get_trace(chunk)
-    return chunk, poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(chunk)
+    trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(chunk)
+    for node in trace.nodes.values():
+        value = node.get("value")
+        if node["type"] == "sample" and isinstance(value, torch.Tensor) and value.shape[:1] == (k * n,):
+            node["value"] = value.reshape(k, n, *value.shape[1:])
+    return trace
 
 
 class _Moments:
@@ -109,22 +140,22 @@ class _Moments:
 
 def _chunk_moments(
     model: Callable, guide: Callable, chunk: Batch, sites: tuple[str, ...], n_samples: int, per_pass: int,
-    return_std: bool, check_finite: bool, start: int,
+    return_std: bool, check_finite: bool, start: int, plate: bool = False,
 ) -> dict[str, _Moments]:
     """Moments of ``sites`` over ``n_samples`` draws of ``chunk``, ``per_pass`` draws a pass."""
     n = chunk.n_trials
     moments = {s: _Moments(return_std) for s in sites}
     for first in range(0, n_samples, per_pass):
         k = min(per_pass, n_samples - first)
-        tiled, model_trace = _trace_draws(model, guide, chunk, k)
+        model_trace = _trace_draws(model, guide, chunk, k, plate)
         for s in sites:
             if s not in model_trace.nodes:
                 available = [name for name, node in model_trace.nodes.items() if node["type"] == "sample"]
                 raise KeyError(f"site {s!r} is not in the model; its sites are {available}")
-            value = model_trace.nodes[s]["value"]
-            if value.shape[:1] != (tiled.n_trials,):
-                raise ValueError(f"site {s!r} has shape {tuple(value.shape)}; expected trial first ({tiled.n_trials})")
-            draws = value.reshape(k, n, *value.shape[1:])
+            draws = model_trace.nodes[s]["value"]
+            if draws.shape[:2] != (k, n):
+                raise ValueError(f"site {s!r} has shape {tuple(draws.shape)}; expected {k} draws of {n} trials "
+                                 "first (every site inside the 'trials' plate)")
             if check_finite:
                 finite = torch.isfinite(draws).flatten(1).all(1)
                 if not bool(finite.all()):
@@ -136,7 +167,7 @@ def _chunk_moments(
             moments[s].add(draws)
         # drop this pass's traces now: otherwise they stay alive while the next pass is
         # built, and the peak holds two passes' intermediates (measured: ~2x at S > 1)
-        del tiled, model_trace, value, draws
+        del model_trace, draws
     return moments
 
 
@@ -154,13 +185,17 @@ def posterior_means(
     max_tiled: Optional[int] = None,
     draws_per_pass: Optional[int] = None,
     share_encoder: bool = True,
+    draws_plate: Optional[bool] = None,
 ) -> dict[str, torch.Tensor]:
     """Mean over ``n_samples`` posterior draws of deterministic model sites (e.g. ``rates``, ``z``).
 
     Trials are taken in chunks of ``batch_size``; several draws of a chunk are taken in one
-    vectorised guide + model pass by tiling its trials along the trial axis (``k`` copies of each
-    trial are ``k`` independent draws, since every site is inside the ``"trials"`` plate), so that
-    at most ``max_tiled`` tiled trials are traced at once. Memory is bounded by ``max_tiled`` and
+    vectorised guide + model pass: ``k`` draws of the chunk are one pass inside
+    ``pyro.plate("draws", k, dim=-2)`` (as Pyro's ``vectorize_particles``) when the model and guide
+    support it (:func:`plate_supported`: LangevinFlow and every guide of the package), else ``k``
+    copies of the chunk's trials tiled along the trial axis (independent draws, since every site is
+    inside the ``"trials"`` plate; the same random numbers as the plate). At most ``max_tiled``
+    draws x trials are traced at once. Memory is bounded by ``max_tiled`` and
     does not grow with ``n_samples``: only running means (and, with ``return_std``, running sums of
     squared deviations) of one chunk are kept. Dropout is off while sampling. Quantiles are not
     offered: they need every draw at once, which is exactly the memory this function avoids.
@@ -198,6 +233,9 @@ def posterior_means(
         chunk of trials rather than once per draw; its output is the same
         in eval mode, so the draws are unchanged up to float rounding. ``False`` re-encodes every
         pass (the behaviour before).
+    draws_plate : bool, optional
+        Draws in a ``"draws"`` plate (True) or by tiled trials (False); default: the plate when
+        :func:`plate_supported`. The two give the same draws for the same seed up to float rounding.
 
     Returns
     -------
@@ -224,6 +262,7 @@ def posterior_means(
     stds: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
     modules = [m for m in (model, guide) if isinstance(m, torch.nn.Module)]
     chunk_size = min(batch_size, max_tiled)
+    plate = plate_supported(model, guide) if draws_plate is None else bool(draws_plate)
     with eval_mode(*modules):
         for start in range(0, batch.n_trials, chunk_size):
             chunk = batch[start : start + chunk_size]
@@ -232,7 +271,8 @@ def posterior_means(
             # a StepwiseGuide runs its encoder (deterministic in eval mode) once per chunk, not per draw
             share = getattr(guide, "shared_context", None) if share_encoder else None
             with share(chunk) if share is not None else nullcontext():
-                moments = _chunk_moments(model, guide, chunk, sites, n_samples, per_pass, return_std, check_finite, start)
+                moments = _chunk_moments(model, guide, chunk, sites, n_samples, per_pass, return_std, check_finite, start,
+                                         plate)
             for s in sites:
                 out[s].append(moments[s].mean.cpu())
                 if return_std:

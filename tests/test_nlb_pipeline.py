@@ -14,6 +14,7 @@ import torch
 
 from nwb_factory import make_dandi_dataset, write_nlb_nwb
 from pyro_langevin import members as core_members
+from pyro_langevin.members import DONE_FILE
 from pyro_langevin.nlb import members as nlb_members, pipeline as nlb_pipeline
 from pyro_langevin.cli import main as cli_main
 from pyro_langevin.nlb.cli import nlb_main
@@ -244,13 +245,20 @@ def test_resume_loads_best_checkpoint(root, tmp_path):
     request = NLBRequest("mc_maze", root, 20, "val", out, config=cfg, progress=False)
     first = nlb_pipeline.run_nlb(request, log=lambda s: None)
     sub1 = read_rates(out / "submission.h5", "mc_maze_20")
-    lines = []
+    lines = []  # a finished run: its member is read back from its done-file, not trained again
     again = nlb_pipeline.run_nlb(request.replace(resume=True), log=lines.append)
     assert again["best_epoch"] == first["best_epoch"] and again["epochs_run"] == 2
-    assert any("best.pt" in s for s in lines)
+    assert any("not trained again" in s for s in lines) and again["members"][0]["executor"]["reused"]
     sub2 = read_rates(out / "submission.h5", "mc_maze_20")
+    (out / "checkpoints" / DONE_FILE).unlink()  # a run stopped after its fit: resume last.pt, export best.pt
+    lines = []
+    third = nlb_pipeline.run_nlb(request.replace(resume=True), log=lines.append)
+    assert third["best_epoch"] == first["best_epoch"] and third["epochs_run"] == 2
+    assert any("exporting rates from" in s and "best.pt" in s for s in lines)
+    sub3 = read_rates(out / "submission.h5", "mc_maze_20")
     for k in sub1:
         np.testing.assert_allclose(sub1[k], sub2[k], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(sub1[k], sub3[k], rtol=1e-5, atol=1e-7)
 
 
 def test_default_configs_follow_the_reference():

@@ -1,16 +1,19 @@
-"""Issue 12: posterior draws in vectorised passes (trials tiled along the trial axis).
+"""Issues 12 and 25: posterior draws in vectorised passes.
 
-A pass with ``k`` draws traces ``k`` tiled copies of a chunk of trials; these tests check that the
-copies are the right trials (exactly, with the randomness removed), that the streamed moments equal
-a reference tiled by hand with the same seed, that the result agrees with the per-draw loop up to
-Monte Carlo error, and that ``max_tiled`` bounds the rows traced at once. Tiny models (latent 4,
-12 bins, 6 neurons) keep the module to a few seconds.
+A pass with ``k`` draws traces ``k`` tiled copies of a chunk of trials (issue 12; now the fallback)
+or the chunk once inside ``pyro.plate("draws", k)`` (issue 25; the default where model and guide
+support it). These tests check that tiled copies are the right trials (exactly, with the randomness
+removed), that the streamed moments equal a reference tiled by hand with the same seed, that the
+result agrees with the per-draw loop up to Monte Carlo error, that ``max_tiled`` bounds the rows
+traced at once, and that the plate gives the tiled draws for the same seed with every guide. Tiny
+models (latent 4, 12 bins, 6 neurons) keep the module to a few seconds.
 """
 
 from __future__ import annotations
 
 import math
 
+import pyro
 import pyro.distributions as dist
 import pytest
 import torch
@@ -22,7 +25,7 @@ from torch import nn
 from pyro_langevin.data.lorenz import make_lorenz
 from pyro_langevin.guides import AutoregressiveGuide, BiGRUGuide, GRUGuide, InitialStateGuide, MeanFieldGuide
 from pyro_langevin.models import LangevinFlow
-from pyro_langevin.posterior import eval_mode, posterior_means
+from pyro_langevin.posterior import eval_mode, plate_supported, posterior_means
 
 DECODER = dict(d_model=8, n_heads=2, dim_feedforward=16)
 N_IN, LATENT = 4, 4
@@ -138,28 +141,31 @@ def test_vectorised_means_match_the_per_draw_loop_up_to_monte_carlo_error(data):
     torch.testing.assert_close(vec["z_std"], loop["z_std"], rtol=0.25, atol=1e-3)
 
 
+class Recording(nn.Module):
+    """``guide`` behind a wrapper that records the trials of every call in ``seen``. It does not
+    declare ``supports_draws_plate``, so its draws are tiled trials."""
+
+    def __init__(self, guide: nn.Module, seen: list) -> None:
+        super().__init__()
+        self.guide, self.seen = guide, seen
+
+    def forward(self, batch):
+        self.seen.append(batch.n_trials)
+        self.guide(batch)
+
+
 def test_max_tiled_bounds_the_trials_traced_at_once(data):
     model, g = build(data)
     seen = []
-
-    class Recording(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.g = g
-
-        def forward(self, batch):
-            seen.append(batch.n_trials)
-            self.g(batch)
-
     batch = data.train  # 8 trials
-    out = posterior_means(model, Recording(), batch, n_samples=5, batch_size=4, max_tiled=8)
+    out = posterior_means(model, Recording(g, seen), batch, n_samples=5, batch_size=4, max_tiled=8)
     assert seen == [8, 8, 4] * 2  # chunks of 4 trials, 2 draws a pass, 2 + 2 + 1 draws
     assert out["rates"].shape == (8, 12, 6)
     seen.clear()
-    posterior_means(model, Recording(), batch, n_samples=5, batch_size=256, max_tiled=3)
+    posterior_means(model, Recording(g, seen), batch, n_samples=5, batch_size=256, max_tiled=3)
     assert max(seen) == 3 and sum(seen) == 5 * 8  # chunks shrink to the budget, one draw a pass
     seen.clear()
-    posterior_means(model, Recording(), batch, n_samples=4, batch_size=3)  # default budget: batch_size
+    posterior_means(model, Recording(g, seen), batch, n_samples=4, batch_size=3)  # default budget: batch_size
     assert max(seen) <= 3 and sum(seen) == 4 * 8
 
 
@@ -234,3 +240,57 @@ def test_shared_context_refuses_training_mode_and_skips_guides_that_may_draw_in_
     with g.shared_context(data.train[:3]):
         with pytest.raises(ValueError, match="copies of the prepared 3 trials"):
             g(data.train[:4])
+
+
+# ----- issue 25: the draws as a plate -----
+@pytest.mark.parametrize("guide", list(GUIDES))
+def test_draws_plate_gives_the_tiled_draws_for_the_same_seed(data, guide):
+    """k draws of a chunk in one pyro.plate("draws", k) pass: the guide sees the chunk's trials once
+    (no copies), the sites have a leading draws dimension, and the means and standard deviations equal
+    the tiled passes' for the same seed (the same random numbers, in the same order)."""
+    model, g = build(data, guide)
+    assert plate_supported(model, g)
+    batch = data.train[torch.tensor([5, 1, 7, 0, 2])]  # out of order: the mean-field guide keys on index
+    seen = []
+    hook = g.register_forward_pre_hook(lambda module, args: seen.append(args[0].n_trials))
+    kw = dict(sites=("rates", "z"), n_samples=5, max_tiled=10, return_std=True)
+    out = {}
+    for plate in (True, False):
+        seen.clear()
+        torch.manual_seed(4)
+        out[plate] = posterior_means(model, g, batch, draws_plate=plate, **kw)
+        assert seen == ([5, 5, 5] if plate else [10, 10, 5])  # passes of 2, 2 and 1 draws
+    hook.remove()
+    for key in out[True]:
+        torch.testing.assert_close(out[True][key], out[False][key], atol=1e-6, rtol=1e-5)
+    assert float(out[True]["rates_std"].max()) > 1e-3  # real draws
+    with eval_mode(model, g), torch.no_grad(), pyro.plate("draws", 3, dim=-2):
+        tr = poutine.trace(poutine.replay(model, trace=poutine.trace(g).get_trace(batch))).get_trace(batch)
+    assert tr.nodes["z_0"]["value"].shape == (3, 5, LATENT) and tr.nodes["rates"]["value"].shape == (3, 5, 12, 6)
+    assert not torch.equal(tr.nodes["rates"]["value"][0], tr.nodes["rates"]["value"][1])  # independent draws
+
+
+def test_a_guide_without_plate_support_falls_back_to_tiled_trials(data):
+    """A guide that does not declare ``supports_draws_plate`` (a wrapper, a user's own guide) is drawn
+    by tiling its trials, as before; the default is the plate only when model and guide both declare it."""
+    model, g = build(data)
+    seen = []
+    assert not plate_supported(model, Recording(g, seen)) and not plate_supported(nn.Identity(), g)
+    torch.manual_seed(5)
+    wrapped = posterior_means(model, Recording(g, seen), data.train, n_samples=4, max_tiled=16)
+    assert seen == [16, 16]  # 8 trials x 2 draws a pass, tiled
+    torch.manual_seed(5)
+    direct = posterior_means(model, g, data.train, n_samples=4, max_tiled=16)
+    torch.testing.assert_close(direct["rates"], wrapped["rates"], atol=1e-6, rtol=1e-5)
+
+
+def test_decoder_batches_leading_dimensions_with_the_trials():
+    torch.manual_seed(0)
+    model = LangevinFlow(6, LATENT, decoder_kwargs=DECODER).eval()
+    z, v = torch.randn(3, 5, 12, LATENT), torch.randn(3, 5, 12, LATENT)
+    out = model.decoder(z, v)
+    assert out.shape == (3, 5, 12, 6)
+    torch.testing.assert_close(out[2, 4], model.decoder(z[2, 4:5], v[2, 4:5])[0], atol=1e-6, rtol=1e-5)
+    pad = torch.zeros(5, 12, dtype=torch.bool)
+    pad[:, 10:] = True  # padding, broadcast over the leading dimension
+    torch.testing.assert_close(model.decoder(z, v, pad)[1], model.decoder(z[1], v[1], pad), atol=1e-6, rtol=1e-5)

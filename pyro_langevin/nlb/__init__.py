@@ -10,7 +10,8 @@ One file per job:
 * :mod:`~pyro_langevin.nlb.config`: per-dataset defaults of a run (:class:`~pyro_langevin.nlb.config.NLBConfig`);
 * :mod:`~pyro_langevin.nlb.request`: one run as asked for (:class:`~pyro_langevin.nlb.request.NLBRequest`);
 * :mod:`~pyro_langevin.nlb.members`: the NLB data and bins of the members' recipe (the core's
-  :mod:`pyro_langevin.members`), shared by runs, cross-validation and the search;
+  :mod:`pyro_langevin.members`, trained on the core's :mod:`pyro_langevin.executor`: this process,
+  local worker processes or Ray tasks), shared by runs, cross-validation and the search;
 * :mod:`~pyro_langevin.nlb.scoring`: co-bps, fp-bps, vel R^2 through ``nlb_tools``, submission files
   (local scores are the core's :mod:`pyro_langevin.scoring`);
 * :mod:`~pyro_langevin.nlb.baseline`: the spike-smoothing baseline with nlb_tools' kernel widths;

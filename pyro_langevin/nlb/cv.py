@@ -49,11 +49,13 @@ def cross_validate(request: NLBRequest, k: int = 5, *, folds: Optional[Sequence[
     Parameters
     ----------
     request : NLBRequest
-        The run: data, output folder (``cv.json``, ``submission.h5``: the fold ensemble,
-        ``fold{f}/checkpoints`` or ``fold{f}/member{i}/checkpoints``), configuration, fitting bins,
-        seed (folds, inner splits, fits, draws), device and workers (every fold's members are trained
-        together, that many at once). Scores are always at ``request.bin_ms``. A cross-validation
-        is not resumed: ``request.resume`` is refused.
+        The run: data, output folder (``cv.json``, ``submission.h5``: the fold ensemble), checkpoint
+        folder (``request.storage``, default ``out``: ``fold{f}/checkpoints`` or
+        ``fold{f}/member{i}/checkpoints``), configuration, fitting bins, seed (folds, inner splits,
+        fits, draws), device and executor (every fold's members are trained together: in local worker
+        processes, or as Ray tasks with ``request.address``) and ``resume`` (finished members are
+        read back from their done-files, the others continue from their ``last.pt``). Scores are
+        always at ``request.bin_ms``.
     k : int
         Number of folds (>= 2).
     folds : sequence of int, optional
@@ -73,8 +75,6 @@ def cross_validate(request: NLBRequest, k: int = 5, *, folds: Optional[Sequence[
     t_start = time.perf_counter()
     if isinstance(k, bool) or not isinstance(k, int) or k < 2:
         raise SpecError(f"cross-validation needs k >= 2 folds, got {k!r}")
-    if request.resume:
-        raise SpecError("a cross-validation cannot be resumed; start afresh")
     recipe = member_recipe(request, data)
     data, fit_data, cfg, seed, out = recipe.data, recipe.fit_data, recipe.cfg, request.seed, request.out
     parts = kfold_indices(data.n_train, k, seed)
@@ -85,12 +85,12 @@ def cross_validate(request: NLBRequest, k: int = 5, *, folds: Optional[Sequence[
         f"(folds of {min(map(len, parts))}-{max(map(len, parts))}); running folds {run}"
         + (f"; fitting at {request.fit_bin} ms, rates interpolated to {data.bin_ms} ms" if fit_data is not data else ""))
 
-    # every member of every fold, trained in one go (in parallel with workers): the core's skeleton
+    # every member of every fold, trained in one go on the request's executor: the core's skeleton
     plans = [Fold(f, parts[f], data, fit_data, [fit_data.eval]) for f in run]
     records, fold_ensembles = train_folds(
-        plans, cfg, out, seed, recipe.device, score_smoothing_split,
-        to_scored_bins=recipe.to_scored_bins, log=log, workers=request.workers, progress=request.progress,
-        meta=dict(request.meta(), cv_k=k))
+        plans, cfg, request.checkpoint_root.resolve(), seed, recipe.device, score_smoothing_split,
+        to_scored_bins=recipe.to_scored_bins, log=log, executor=request.executor(), resume=request.resume,
+        threads=request.threads, progress=request.progress, meta=dict(request.meta(), cv_k=k))
 
     ensemble_rates = Rates.mean(fold_ensembles)
     sub = write_submission(out / "submission.h5", data.dataset, data.bin_ms, ensemble_rates)

@@ -90,9 +90,10 @@ def run_nlb(request: NLBRequest, *, metric_fn: Optional[Callable] = None, data: 
     Parameters
     ----------
     request : NLBRequest
-        The run: data, output folder (``metrics.json``, ``submission.h5``, ``submission_smoothing.h5``,
-        ``checkpoints/`` for one model or ``member{i}/checkpoints/`` for an ensemble), configuration,
-        fitting bins, seed, device, workers, resume.
+        The run: data, output folder (``metrics.json``, ``submission.h5``, ``submission_smoothing.h5``),
+        checkpoint folder (``request.storage``, default the output folder: ``checkpoints/`` for one model
+        or ``member{i}/checkpoints/`` for an ensemble), configuration, fitting bins, seed, device,
+        executor (local worker processes or Ray tasks), resume (finished members are read back).
     metric_fn : callable, optional
         Replaces the validation metric (must return ``co_bps``); for tests and experiments.
     data : NLBData, optional
@@ -109,7 +110,8 @@ def run_nlb(request: NLBRequest, *, metric_fn: Optional[Callable] = None, data: 
     recipe = member_recipe(request, data)
     data, fit_data, cfg, dev = recipe.data, recipe.fit_data, recipe.cfg, recipe.device
     out, n_models = request.out, cfg.eval.n_models
-    fit_specs = fold_members(fit_data.train, [fit_data.eval], n_models, cfg.eval.valid_frac, request.seed, out)
+    fit_specs = fold_members(fit_data.train, [fit_data.eval], n_models, cfg.eval.valid_frac, request.seed,
+                             request.checkpoint_root.resolve())
     specs = fit_specs if fit_data is data else [at_bins(s, data.train) for s in fit_specs]
     split = (f"{specs[0].fit_trials.n_trials} fit, {specs[0].valid.n_trials} validation" if n_models == 1 else
              f"{n_models} members, each validating on one of {n_models} folds and fitting the others")
@@ -119,8 +121,10 @@ def run_nlb(request: NLBRequest, *, metric_fn: Optional[Callable] = None, data: 
         + (f"; fitting at {request.fit_bin} ms, rates interpolated to {data.bin_ms} ms" if fit_data is not data else ""))
 
     t_fit = time.perf_counter()
-    members = train_members(fit_specs, cfg, fit_data, dev, workers=request.workers, log=log, export_seed=request.seed,
-                            resume=request.resume, progress=request.progress, metric_fn=metric_fn, meta=request.meta())
+    executor = request.executor()
+    members = train_members(fit_specs, cfg, fit_data, dev, executor=executor, log=log, export_seed=request.seed,
+                            resume=request.resume, progress=request.progress, metric_fn=metric_fn,
+                            threads=request.threads, meta=request.meta())
     members = [dataclasses.replace(m, rates=recipe.to_scored_bins(m.rates)) for m in members]
     fit_seconds = time.perf_counter() - t_fit
     rates = Rates.mean([m.rates for m in members])
@@ -152,15 +156,18 @@ def run_nlb(request: NLBRequest, *, metric_fn: Optional[Callable] = None, data: 
     per_member = [{"member": m.index, "checkpoint": str(s.checkpoint_dir / "best.pt"), "best_epoch": m.best_epoch,
                    "best_valid_co_bps": m.best_metric, "epochs_run": m.epochs_run, "stopped_early": m.stopped_early,
                    "fit_seconds": m.fit_seconds, "valid": _clean(sc), "valid_trials": [int(i) for i in s.valid.index.tolist()],
-                   "valid_curve": m.valid_curve}
+                   "valid_curve": m.valid_curve, "executor": m.executor}
                   for m, s, (sc, _) in zip(members, specs, local)]
     metrics.update({
         # the members' own records are under "members"; these summarise them and say how
         "mean_best_valid_co_bps": float(np.mean([m.best_metric for m in members])),
         "epochs": cfg.fit.epochs, "members_stopped_early": sum(m.stopped_early for m in members),
         "fit_seconds": round(fit_seconds, 1), "total_seconds": round(time.perf_counter() - t_start, 1),
-        "export_draws": cfg.eval.export_draws, "device": str(dev), "seed": request.seed, "quick": request.quick,
+        "export_draws": cfg.eval.export_draws, "device": executor.device or str(dev), "seed": request.seed, "quick": request.quick,
         "torch_threads": torch.get_num_threads(), "workers": request.workers, "host": platform.node(),
+        "executor": {"backend": executor.backend(len(fit_specs), dev.type), "address": executor.address,
+                     "cpus_per_member": executor.cpus_per_member, "gpus_per_member": executor.gpus_per_member,
+                     "checkpoints": str(request.checkpoint_root)},
         "members": per_member, "submission": str(sub), "submission_smoothing": str(sub_base), "spec": cfg.to_dict(),
     })
     if n_models == 1:  # one model: its record at the top level too

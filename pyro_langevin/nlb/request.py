@@ -3,15 +3,17 @@
 A :class:`NLBRequest` says which data (dataset, folder, bins, phase), where the outputs go, which
 configuration the members train with (the dataset's default, a given :class:`NLBConfig`, dotted-key
 overrides, an epoch count, the quick smoke-test sizes), the bins they fit at, and how they run
-(seed, device, threads, worker processes, resume, progress bar). The command line builds one from
-its options (:mod:`pyro_langevin.nlb.cli`); Python callers build it themselves::
+(seed, device, threads, worker processes or a Ray cluster, where the checkpoints go, resume, progress
+bar). The command line builds one from its options (:mod:`pyro_langevin.nlb.cli`); Python callers
+build it themselves::
 
     request = NLBRequest("mc_maze_small", "~/dandi", bin_ms=5, out="runs/mms", overrides={"eval.n_models": 1})
     metrics = run_nlb(request)
     cv = cross_validate(request, k=5)
+    on_ray = request.replace(address="auto", cpus_per_member=2, storage="/nfs/runs/mms")
 
 Its fields are checked when it is made (dataset, bins, phase, fitting bins, epochs, threads,
-workers); :meth:`NLBRequest.spec` checks the configuration and :meth:`NLBRequest.torch_device` the device.
+workers, Ray resources, storage); :meth:`NLBRequest.spec` checks the configuration and :meth:`NLBRequest.torch_device` the device.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pyro_langevin.devices import check_device
 from pyro_langevin.nlb.coarse import resolve_fit_bin
 from pyro_langevin.nlb.config import NLBConfig, default_config
 from pyro_langevin.nlb.data import check_args
+from pyro_langevin.executor import Executor
 from pyro_langevin.spec import SpecError, check_buildable
 
 __all__ = ["NLBRequest"]
@@ -71,9 +74,20 @@ class NLBRequest:
         torch CPU threads of a fit (1: this model's many small sequential operations run no faster
         on more, and far slower on a shared machine).
     workers : int
-        Models trained at once in worker processes (CPU only; ensemble members, folds).
+        Without ``address``: models trained at once in local worker processes (CPU only; ensemble
+        members, folds).
+    address : str, optional
+        Train the models as Ray tasks on this cluster (``"auto"`` or ``"HOST:PORT"``;
+        :class:`~pyro_langevin.executor.Executor`).
+    cpus_per_member, gpus_per_member : float
+        Ray resources of one model (fractions allowed); with ``address`` only.
+    storage : path, optional
+        Where the models' checkpoints go (default ``out``): on a cluster, a folder every node and
+        this machine mount at the same path (NFS ...), so a member retried on another node, or a
+        resumed run, finds them.
     resume : bool
-        Continue the run in ``out`` from its checkpoints.
+        Continue the run from its checkpoints: finished members are read back, the others resume
+        their ``last.pt``.
     progress : bool
         Show progress bars.
     """
@@ -92,6 +106,10 @@ class NLBRequest:
     device: Union[str, torch.device, None] = None
     threads: int = 1
     workers: int = 1
+    address: Optional[str] = None
+    cpus_per_member: float = 1.0
+    gpus_per_member: float = 0.0
+    storage: Optional[PathLike] = None
     resume: bool = False
     progress: bool = True
 
@@ -107,6 +125,14 @@ class NLBRequest:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise SpecError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.storage is not None:
+            if "://" in str(self.storage):
+                raise SpecError(f"storage must be a folder every node mounts (NFS ...), not a URL: {self.storage}")
+            object.__setattr__(self, "storage", Path(self.storage).expanduser())
+        if self.address is None and (self.cpus_per_member != 1.0 or self.gpus_per_member != 0.0):
+            raise SpecError("cpus_per_member and gpus_per_member are Ray resources: give address too (the local "
+                            "pool runs one process per model)")
+        self.executor()
 
     @property
     def fit_bin(self) -> int:
@@ -141,6 +167,16 @@ class NLBRequest:
         """What the run's checkpoints record, and what a resumed run must match."""
         return {"dataset": self.dataset, "bin_ms": self.bin_ms, "phase": self.phase, "seed": self.seed,
                 "fit_bin_ms": self.fit_bin}
+
+    def executor(self) -> Executor:
+        """Where the models train: the local pool of ``workers`` or, with ``address``, Ray tasks."""
+        return Executor(workers=self.workers, address=self.address, cpus_per_member=self.cpus_per_member,
+                        gpus_per_member=self.gpus_per_member)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        """The folder under which the models' checkpoints go: ``storage``, else ``out``."""
+        return self.storage if self.storage is not None else self.out
 
     def default_workers(self, n_models: int) -> int:
         """One worker per CPU core, at most ``n_models`` (what the command line uses)."""

@@ -37,11 +37,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import shutil
-import socket
 import time
 import warnings
 import zlib
@@ -51,6 +49,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from pyro_langevin.executor import check_ray_resources, connect_ray, import_ray
 from pyro_langevin.nlb.request import NLBRequest
 from pyro_langevin.options import OptionError
 
@@ -335,67 +334,7 @@ def _checkpoint_trial(folder: Path) -> Optional[str]:
         return None
 
 
-# ----- Ray: connection, scheduler, progress -----
-def _quiet_ray() -> None:
-    """No dashboard, no usage stats, Ray's old reporter API (we print our own lines), quiet loggers;
-    trials at the usual priority (Ray's default worker niceness 15 starves them on a busy machine:
-    10x slower next to other jobs)."""
-    settings = {
-        "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0", "RAY_AIR_NEW_OUTPUT": "0", "RAY_DEDUP_LOGS": "1",
-        "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "PYTHONWARNINGS": "ignore::DeprecationWarning",
-    }
-    for key, value in settings.items():
-        os.environ.setdefault(key, value)
-    for name in ("ray", "ray.tune", "ray.train", "ray.air"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _import_ray():
-    _quiet_ray()
-    try:
-        import ray
-        from ray import tune  # noqa: F401
-    except ImportError:
-        raise OptionError("ray[tune] is not installed; install it with: pip install 'pyro-langevin[tune]'") from None
-    return ray
-
-
-def _connect(address: Optional[str], cpus: Optional[int] = None) -> bool:
-    """Start a local Ray instance (``address`` None) or join a cluster; True when we started it.
-
-    An instance already running in this process (``ray.init`` by the caller) is used as it is.
-    """
-    ray = _import_ray()
-    if ray.is_initialized():
-        return False
-    if address not in (None, "auto", "local"):
-        host, _, port = address.rpartition(":")
-        try:
-            socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
-        except (OSError, ValueError) as exc:
-            raise OptionError(f"--address {address}: no Ray head node reachable there ({exc}); "
-                              "start one with `ray start --head` or omit --address for a local instance") from None
-    kwargs: Dict[str, Any] = dict(logging_level=logging.ERROR, log_to_driver=False)
-    if address is None:
-        kwargs.update(include_dashboard=False, num_cpus=cpus)
-    try:
-        ray.init(address=address, **kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise OptionError(f"--address {address}: cannot connect to Ray ({exc})") from None
-    return True
-
-
-def _check_resources(cpus_per_trial: float, gpus_per_trial: float) -> None:
-    import ray
-
-    have = ray.cluster_resources()
-    for what, wanted in (("CPU", cpus_per_trial), ("GPU", gpus_per_trial)):
-        if wanted > have.get(what, 0.0):
-            raise OptionError(f"--{what.lower()}s-per-trial {wanted:g}: the Ray cluster has {have.get(what, 0.0):g} "
-                              f"{what}s, so no trial could start")
-
-
+# ----- Ray: scheduler, progress (the connection and resource checks: pyro_langevin/executor.py) -----
 def _scheduler(name: str, space: Mapping[str, List[Any]], iterations: int, quick: bool):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
@@ -590,7 +529,7 @@ def tune(
         raise OptionError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
     if cpus_per_trial <= 0 or gpus_per_trial < 0:
         raise OptionError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
-    ray = _import_ray()
+    ray = import_ray()
     from ray import tune as rt
 
     from pyro_langevin.nlb.members import member_recipe
@@ -620,9 +559,9 @@ def tune(
     # the members' recipe of nlb: the same data preparation and fitting bins (the device is Ray's)
     recipe = member_recipe(request.replace(device="cpu"))
     data, fit_data = recipe.data, recipe.fit_data
-    started = _connect(address, num_cpus)
+    started = connect_ray(address, num_cpus)
     try:
-        _check_resources(cpus_per_trial, gpus_per_trial)
+        check_ray_resources(cpus_per_trial, gpus_per_trial, per="trial")
         device = "cuda" if gpus_per_trial > 0 else "cpu"
         ctx = _Context(fit_data, base, seed, device, max(1, int(cpus_per_trial)))
         trainable = rt.with_resources(rt.with_parameters(_trainable, ctx=ctx),

@@ -35,6 +35,7 @@ from pyro_langevin.checkpoints import load_checkpoint, resume_conflicts
 from pyro_langevin.crossval import Fold, format_cv_table, summarize_folds, train_folds
 from pyro_langevin.data.splits import kfold_indices, split_train_valid
 from pyro_langevin.devices import check_device
+from pyro_langevin.executor import Executor
 from pyro_langevin.members import TrialSet
 from pyro_langevin.predictive import save_netcdf
 from pyro_langevin.recording.config import RecordingConfig, default_config, sized_settings
@@ -149,7 +150,7 @@ def cross_validate_recording(recording: Recording, cfg: RecordingConfig, out: Pa
         chosen[len(chosen)] = info
         return scores
 
-    records, _ = train_folds(folds, cfg, out, seed, device, baseline, log=log, workers=workers, resume=resume,
+    records, _ = train_folds(folds, cfg, out, seed, device, baseline, log=log, executor=Executor(workers=workers), resume=resume,
                              progress=progress, meta=dict(meta or {}))
     for f, record in enumerate(records):
         record["heldout_units"] = [recording.unit_ids[u].item() for u in heldout[f]]
