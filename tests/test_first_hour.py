@@ -313,9 +313,15 @@ def test_ablation_table_shows_sub_second_fit_times():
         from ablate_guides import format_table
     finally:
         sys.path.remove(str(REPO / "examples"))
+    from pyro_langevin.evidence import Evidence
+
+    two = np.ones(2)
+    evidence = Evidence(np.arange(2), -10 * two, -12 * two, 0.5 * two, 50 * two, 0.1 * two, 20 * two, -15 * two,
+                        num_particles=100, quantity="joint").to_dict()
     row = {"variant": "gru", "guide": "gru", "prior": {"potential": "oscillators"}, "valid_elbo_per_bin": -1.0,
-           "rate_r2": 0.5, "heldout_bps": 0.1, "fit_seconds": 0.34}
-    assert format_table([row]).splitlines()[-1].endswith("| 0.3 |")
+           "rate_r2": 0.5, "heldout_bps": 0.1, "fit_seconds": 0.34, "evidence": evidence}
+    last = format_table([row], n_bins=5).splitlines()[-1]
+    assert last.endswith("| 0.3 |") and "| -2.00 |" in last and "| 0.40 |" in last  # evidence, gap per bin: -20, 4 over 10
 
 
 # ----- figures --------------------------------------------------------------------------------------
