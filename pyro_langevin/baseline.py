@@ -19,13 +19,18 @@ from pyro_langevin.data.errors import NLBDataError
 from pyro_langevin.scoring import Rates, masked_counts, score_local
 from pyro_langevin.smoothing import smooth_spikes
 
-__all__ = ["GLM_ALPHAS", "KERNEL_SD_MS", "fit_poisson_glm", "choose_glm_alpha", "smoothing_baseline",
+__all__ = ["GLM_ALPHAS", "KERNEL_SD_MS", "GLM_CV_MAX_ROWS", "fit_poisson_glm", "choose_glm_alpha", "smoothing_baseline",
            "score_smoothing_split"]
 
 #: Poisson GLM penalties tried by :func:`choose_glm_alpha` (nlb_tools' per-dataset values among them).
 GLM_ALPHAS = (1e-3, 1e-2, 0.1, 1.0, 10.0)
 #: Kernel widths (s.d., ms) tried when :func:`smoothing_baseline` chooses its kernel (``kern_sd_ms="cv"``).
 KERNEL_SD_MS = (20.0, 40.0, 60.0, 80.0, 100.0)
+#: At most this many rows (bins of whole training trials, drawn at random) choose the penalty and
+#: kernel; the chosen GLM is then fitted on every row. Below it (MC_Maze_Small: 10,500 rows at 5 ms)
+#: nothing changes; full-size MC_Maze (241,000 rows at 5 ms) took over 20 minutes to choose on all
+#: of them, and with hundreds of rows per feature the penalty barely matters.
+GLM_CV_MAX_ROWS = 40_000
 
 
 def fit_poisson_glm(x: np.ndarray, y: np.ndarray, alpha: float, max_iter: int = 200):
@@ -62,9 +67,25 @@ def fit_poisson_glm(x: np.ndarray, y: np.ndarray, alpha: float, max_iter: int = 
     return predict
 
 
+def _some_trials(groups: np.ndarray, n_trials: int, max_rows: int, seed: int) -> Tuple[np.ndarray, np.ndarray, int]:
+    """Rows of whole trials, drawn at random, at most ``max_rows`` of them (all rows when they fit):
+    (row mask, the kept rows' trial numbers renumbered 0 .. n - 1, n)."""
+    if groups.size <= max_rows:
+        return np.ones(groups.size, dtype=bool), groups, n_trials
+    order = np.random.default_rng(seed + 1).permutation(n_trials)
+    rows_per_trial = np.bincount(groups, minlength=n_trials)[order]
+    n = max(int(np.searchsorted(np.cumsum(rows_per_trial), max_rows, side="right")), min(n_trials, 3))
+    keep = np.sort(order[:n])
+    rows = np.isin(groups, keep)
+    return rows, np.searchsorted(keep, groups[rows]), n
+
+
 def _glm_nll(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_trials: int, alphas: Sequence[float],
-             folds: int, seed: int) -> np.ndarray:
-    """Held-out Poisson deviance part (``sum(pred - y log pred)``) of each penalty, K-fold over whole trials."""
+             folds: int, seed: int, max_rows: int = GLM_CV_MAX_ROWS) -> np.ndarray:
+    """Held-out Poisson deviance part (``sum(pred - y log pred)``) of each penalty, K-fold over whole
+    trials (at most ``max_rows`` rows of them, :data:`GLM_CV_MAX_ROWS`)."""
+    rows, groups, n_trials = _some_trials(groups, n_trials, max_rows, seed)
+    x, y = x[rows], y[rows]
     order = np.random.default_rng(seed).permutation(n_trials)
     scores = []
     for alpha in alphas:
@@ -79,18 +100,20 @@ def _glm_nll(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_trials: int, al
 
 
 def choose_glm_alpha(x: np.ndarray, y: np.ndarray, n_trials: int, alphas: Sequence[float] = GLM_ALPHAS,
-                     folds: int = 3, seed: int = 0, groups: Optional[np.ndarray] = None) -> float:
+                     folds: int = 3, seed: int = 0, groups: Optional[np.ndarray] = None,
+                     max_rows: Optional[int] = None) -> float:
     """The GLM penalty with the best held-out Poisson likelihood, by K-fold over TRAINING trials.
 
     ``x`` and ``y`` hold ``n_trials`` trials' rows in trial-major order (as :func:`smoothing_baseline`
     flattens them), or any rows with ``groups`` giving each row's trial (0 .. n_trials - 1); folds
     split whole trials. nlb_tools' fixed alpha (0.1 for MC_Maze_Small) overfits when there are few
     samples per feature, e.g. 20 ms bins of a small dataset, where its baseline then scores below a
-    constant rate.
+    constant rate. At most :data:`GLM_CV_MAX_ROWS` rows (whole trials, drawn at random) take part.
     """
     if groups is None:
         groups = np.repeat(np.arange(n_trials), x.shape[0] // n_trials)
-    return float(alphas[int(np.argmin(_glm_nll(x, y, groups, n_trials, alphas, folds, seed)))])
+    cap = GLM_CV_MAX_ROWS if max_rows is None else max_rows
+    return float(alphas[int(np.argmin(_glm_nll(x, y, groups, n_trials, alphas, folds, seed, cap)))])
 
 
 def _smoothed(batch: Batch, sd_bins: float) -> np.ndarray:

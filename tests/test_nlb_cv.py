@@ -162,3 +162,30 @@ def test_smoothing_baseline_chooses_its_penalty_on_training_trials():
     y_noise = g.poisson(np.full((600, 3), 0.3)).astype(float)
     noise = choose_glm_alpha(x, y_noise, n_trials=30)
     assert informative <= 0.1 and noise >= 1.0  # little penalty for signal, heavy for noise
+
+
+def test_the_penalty_is_chosen_on_at_most_glm_cv_max_rows_rows_of_whole_trials(monkeypatch):
+    """Full-size data choose on a random subset of whole trials (MC_Maze at 5 ms: 241,000 rows took
+    over 20 minutes); data under the cap choose on every row, as before."""
+    from pyro_langevin import baseline
+
+    groups = np.repeat(np.arange(50), 20)  # 50 trials x 20 bins
+    rows, renumbered, n = baseline._some_trials(groups, 50, 1000, seed=0)
+    assert rows.all() and n == 50 and (renumbered == groups).all()
+    rows, renumbered, n = baseline._some_trials(groups, 50, 300, seed=0)
+    assert n == 15 and rows.sum() == 300 and sorted(set(renumbered)) == list(range(15))
+    kept = np.unique(groups[rows])
+    assert all(rows[groups == t].all() for t in kept)  # whole trials only
+
+    seen = []
+    real = baseline.fit_poisson_glm
+    monkeypatch.setattr(baseline, "fit_poisson_glm", lambda x, y, a, **kw: seen.append(len(x)) or real(x, y, a, **kw))
+    g = np.random.default_rng(0)
+    x = g.normal(size=(200 * 20, 10))
+    y = g.poisson(np.exp(0.5 * x[:, :2] - 1.0)).astype(float)
+    seen.clear()
+    baseline.choose_glm_alpha(x, y, n_trials=200, max_rows=1000)
+    assert seen and max(seen) <= 1000 * 2 / 3 + 20  # each fold fits on 2 of 3 parts of 50 trials
+    seen.clear()
+    baseline.choose_glm_alpha(x, y, n_trials=200, max_rows=10_000)
+    assert max(seen) > 2000  # under the cap every row takes part
