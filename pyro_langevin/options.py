@@ -40,7 +40,8 @@ from pyro_langevin.errors import InputError
 __all__ = [
     "EXIT_BAD_INPUT", "OptionError", "ArgumentParser", "positive_int", "non_negative_int",
     "add_run_arguments", "check_run_options", "RunOptions", "check_out", "default_out",
-    "check_resume", "parse_overrides", "add_spec_arguments", "spec_overrides", "one_line",
+    "check_resume", "parse_overrides", "add_spec_arguments", "spec_overrides", "add_executor_arguments",
+    "executor_options", "one_line",
 ]
 
 #: Exit status for bad input (as argparse uses).
@@ -270,6 +271,49 @@ def spec_overrides(args: argparse.Namespace, spec: Any) -> dict[str, Any]:
             raise OptionError(f"--spec {one_line(exc)}") from None
     changes.update(parse_overrides(getattr(args, "set", []) or [], spec))
     return changes
+
+
+# ----- where the models train: local worker processes or Ray tasks -----
+def add_executor_arguments(p: argparse.ArgumentParser, storage: bool = True) -> argparse.ArgumentParser:
+    """``--address --cpus-per-member --gpus-per-member`` (and ``--storage``): the models as Ray tasks
+    on a cluster, and where their checkpoints go (:class:`~pyro_langevin.executor.Executor`); the
+    command has ``--workers`` for the local pool."""
+    p.add_argument("--address", default=None,
+                   help="train the models (ensemble members, folds) as Ray tasks on an existing cluster: 'auto' or "
+                        "HOST:PORT (default: local worker processes, --workers)")
+    p.add_argument("--cpus-per-member", type=float, default=None,
+                   help="with --address: CPUs per model, fractions allowed (default 1; its torch threads: the whole CPUs)")
+    p.add_argument("--gpus-per-member", type=float, default=None,
+                   help="with --address: GPUs per model, fractions allowed (default 0; a model holding a GPU trains on cuda)")
+    if not storage:
+        return p
+    p.add_argument("--storage", default=None,  # a str: Path("s3://b") would read as the folder s3:/b
+                   help="folder of the models' checkpoints (default --out); on a cluster a folder every node and "
+                        "this machine mount at the same path, so --resume and Ray's retries find them")
+    return p
+
+
+def executor_options(args: argparse.Namespace) -> dict:
+    """The executor fields (``address``, ``cpus_per_member``, ``gpus_per_member``, ``storage``) from
+    ``--address --cpus-per-member --gpus-per-member [--storage]`` and ``--workers``, checked."""
+    ray_only = [flag for flag, value in (("--cpus-per-member", args.cpus_per_member),
+                                         ("--gpus-per-member", args.gpus_per_member)) if value is not None]
+    if args.address is None and ray_only:
+        raise OptionError(f"{ray_only[0]} is a Ray resource: give --address too (without it the models train in "
+                          "local worker processes, --workers)")
+    if args.address is not None and args.workers is not None:
+        raise OptionError("--workers sizes the local pool; on Ray (--address) --cpus-per-member sets how many "
+                          "models run at once")
+    storage = getattr(args, "storage", None)
+    if storage is not None and "://" in str(storage):
+        raise OptionError(f"--storage {storage}: give a folder every node mounts (NFS ...), not a URL")
+    cpus, gpus = args.cpus_per_member, args.gpus_per_member
+    for flag, value, low in (("--cpus-per-member", cpus, "> 0"), ("--gpus-per-member", gpus, ">= 0")):
+        if value is not None and not (value > 0 if low == "> 0" else value >= 0):
+            raise OptionError(f"{flag} must be {low}, got {value:g}")
+    storage = None if storage is None else Path(storage)
+    return {"address": args.address, "cpus_per_member": 1.0 if cpus is None else cpus,
+            "gpus_per_member": 0.0 if gpus is None else gpus, "storage": storage}
 
 
 def one_line(exc: BaseException) -> str:

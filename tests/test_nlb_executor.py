@@ -209,3 +209,25 @@ def test_a_failing_task_raises_its_own_error(cluster):
     assert type(err.value) is ValueError
     done = on_ray.map(int, ["3", "1", "2"])
     assert [r for r, _ in done] == [3, 1, 2] and {p.backend for _, p in done} == {"ray"}
+
+
+def test_a_recordings_folds_run_as_ray_tasks_with_the_local_scores(cluster, tmp_path):
+    """The recording wing's cross-validation trains its folds on the same executor."""
+    from pyro_langevin.executor import Executor
+    from pyro_langevin.recording.data import Recording
+    from pyro_langevin.recording.run import cross_validate_recording, recording_config
+
+    g = np.random.default_rng(0)
+    t = np.arange(20)[None, :, None]
+    counts = g.poisson(np.exp(0.8 * np.sin(2 * np.pi * t / 20 + g.uniform(0, 6, (40, 1, 12))) - 0.5))
+    rec = Recording.from_arrays(counts.astype(np.float32), 20)
+    cfg = recording_config(rec, {"cv.folds": 2}, quick=True, epochs=3)
+    local = cross_validate_recording(rec, cfg, tmp_path / "local", 0, "cpu", executor=Executor(), progress=False,
+                                     log=quiet)
+    on_ray = cross_validate_recording(rec, cfg, tmp_path / "ray", 0, "cpu", executor=Executor(address="auto"),
+                                      progress=False, log=quiet)
+    placed = [e for fold in on_ray["folds"] for e in fold["executor"]]
+    assert {p["backend"] for p in placed} == {"ray"} and {p["node_id"] for p in placed} == cluster
+    for a, b in zip(local["folds"], on_ray["folds"]):
+        assert a["heldout_units"] == b["heldout_units"] and a["scored_trials"] == b["scored_trials"]
+        assert b["model"]["co-bps"] == pytest.approx(a["model"]["co-bps"], rel=1e-4, abs=1e-5)

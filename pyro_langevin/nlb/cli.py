@@ -31,11 +31,13 @@ from pyro_langevin.nlb.request import NLBRequest
 from pyro_langevin.options import (
     ArgumentParser,
     OptionError,
+    add_executor_arguments,
     add_run_arguments,
     add_spec_arguments,
     check_out,
     check_resume,
     check_run_options,
+    executor_options,
     non_negative_int,
     one_line,
     positive_int,
@@ -44,7 +46,7 @@ from pyro_langevin.options import (
 from pyro_langevin.spec import SpecError
 
 __all__ = ["nlb_main", "tune_main", "add_nlb_arguments", "add_tune_arguments", "add_nlb_data_arguments",
-           "add_executor_arguments", "check_nlb_tools", "NLB_INSTALL"]
+           "check_nlb_tools", "NLB_INSTALL"]
 
 #: How to install what the NLB pipeline needs (nlb_tools pins an old pandas, hence --no-deps).
 NLB_INSTALL = "pip install -e '.[nlb]' && pip install --no-deps nlb-tools==0.0.4"
@@ -113,48 +115,11 @@ def add_nlb_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def add_executor_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``--address --cpus-per-member --gpus-per-member --storage``: the models as Ray tasks on a
-    cluster, and where their checkpoints go (:class:`~pyro_langevin.executor.Executor`)."""
-    p.add_argument("--address", default=None,
-                   help="train the models (ensemble members, folds) as Ray tasks on an existing cluster: 'auto' or "
-                        "HOST:PORT (default: local worker processes, --workers)")
-    p.add_argument("--cpus-per-member", type=float, default=None,
-                   help="with --address: CPUs per model, fractions allowed (default 1; its torch threads: the whole CPUs)")
-    p.add_argument("--gpus-per-member", type=float, default=None,
-                   help="with --address: GPUs per model, fractions allowed (default 0; a model holding a GPU trains on cuda)")
-    p.add_argument("--storage", default=None,  # a str: Path("s3://b") would read as the folder s3:/b
-                   help="folder of the models' checkpoints (default --out); on a cluster a folder every node and "
-                        "this machine mount at the same path, so --resume and Ray's retries find them")
-    return p
-
-
-def _executor_options(args: argparse.Namespace) -> dict:
-    """The request's executor fields from ``--address --cpus-per-member --gpus-per-member --storage``."""
-    ray_only = [flag for flag, value in (("--cpus-per-member", args.cpus_per_member),
-                                         ("--gpus-per-member", args.gpus_per_member)) if value is not None]
-    if args.address is None and ray_only:
-        raise OptionError(f"{ray_only[0]} is a Ray resource: give --address too (without it the models train in "
-                          "local worker processes, --workers)")
-    if args.address is not None and args.workers is not None:
-        raise OptionError("--workers sizes the local pool; on Ray (--address) --cpus-per-member sets how many "
-                          "models run at once")
-    if args.storage is not None and "://" in str(args.storage):
-        raise OptionError(f"--storage {args.storage}: give a folder every node mounts (NFS ...), not a URL")
-    cpus, gpus = args.cpus_per_member, args.gpus_per_member
-    for flag, value, low in (("--cpus-per-member", cpus, "> 0"), ("--gpus-per-member", gpus, ">= 0")):
-        if value is not None and not (value > 0 if low == "> 0" else value >= 0):
-            raise OptionError(f"{flag} must be {low}, got {value:g}")
-    storage = None if args.storage is None else Path(args.storage)
-    return {"address": args.address, "cpus_per_member": 1.0 if cpus is None else cpus,
-            "gpus_per_member": 0.0 if gpus is None else gpus, "storage": storage}
-
-
 def _nlb(args: argparse.Namespace, session: Session) -> None:
     """Check every option, then run the pipeline (or the cross-validation) and print its table and JSON."""
     if args.cv is not None and args.cv < 2:
         raise OptionError(f"--cv needs K >= 2 folds, got {args.cv}")
-    executor = _executor_options(args)
+    executor = executor_options(args)
     request, cfg = _request(args, args.out or Path("."), threads=args.threads, progress=not args.no_progress,
                             resume=args.resume, device=args.device, **executor)
     check_nlb_tools()

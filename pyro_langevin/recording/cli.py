@@ -21,14 +21,17 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from pyro_langevin.console import Session, run_command
+from pyro_langevin.executor import Executor
 from pyro_langevin.options import (
     ArgumentParser,
     OptionError,
+    add_executor_arguments,
     add_run_arguments,
     add_spec_arguments,
     check_out,
     check_run_options,
     default_out,
+    executor_options,
     non_negative_int,
     one_line,
     positive_int,
@@ -117,6 +120,7 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="K-fold co-smoothing cross-validation (default: 5, fewer for small recordings; 0: no score)")
     p.add_argument("--workers", type=positive_int, default=None,
                    help="cross-validation folds trained at once, one process each (CPU; default one per core)")
+    add_executor_arguments(p, storage=False)  # the folds' checkpoints stay in --out
     add_spec_arguments(p, "pyro_langevin.recording.config.RecordingConfig, e.g. --set cv.heldout_frac=0.3")
     # "--window -250,450" is a value, not an option (argparse takes only plain negative numbers as values)
     if hasattr(p, "_negative_number_matcher"):
@@ -152,6 +156,7 @@ def _fit(args: argparse.Namespace, session: Session) -> None:
     name = f"fit/{Path(source).stem}"
     if args.cv == 1:
         raise OptionError("--cv needs K >= 2 folds (or 0: no cross-validation)")
+    on = executor_options(args)  # checked before anything is read or written
     if args.out is None:
         args.out = default_out(name, args.quick)
     check_out(args.out, resume=args.resume, overwrite=args.overwrite)  # before reading: nothing is written yet
@@ -169,9 +174,13 @@ def _fit(args: argparse.Namespace, session: Session) -> None:
     workers = args.workers or max(1, min(cfg.cv.folds * cfg.eval.n_models or 1, os.cpu_count() or 1))
     session.interrupt_note = lambda: (f"interrupted; the checkpoints are in {run.out}/cv/fold*/ and {run.out}/checkpoints/: "
                                       "rerun the same command with --resume")
-    metrics = fit_recording(recording, run.out, config=cfg, overrides=changes, epochs=args.epochs, quick=args.quick,
-                            seed=args.seed, device=run.device, workers=workers, resume=args.resume,
-                            progress=not args.no_progress)
+    executor = Executor(workers=workers, address=on["address"], cpus_per_member=on["cpus_per_member"],
+                        gpus_per_member=on["gpus_per_member"])
+    with executor.connected():  # a cluster: joined and its resources checked before any work
+        metrics = fit_recording(recording, run.out, config=cfg, overrides=changes, epochs=args.epochs,
+                                quick=args.quick, seed=args.seed, device=run.device, workers=workers,
+                                executor=executor if executor.on_ray else None, resume=args.resume,
+                                progress=not args.no_progress)
     print(format_summary(metrics))
     cv = metrics["cv"]
     head = {"out": str(run.out), "seconds": metrics["seconds"]["total"]}

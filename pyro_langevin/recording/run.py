@@ -117,7 +117,8 @@ def check_resumable(out: Path, cfg: RecordingConfig, meta: Mapping[str, Any]) ->
 
 
 def cross_validate_recording(recording: Recording, cfg: RecordingConfig, out: Path, seed: int = 0,
-                             device: Any = "cpu", *, workers: int = 1, resume: bool = False, progress: bool = True,
+                             device: Any = "cpu", *, workers: int = 1, executor: Optional[Executor] = None,
+                             resume: bool = False, progress: bool = True,
                              meta: Optional[Mapping[str, Any]] = None,
                              log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Co-smoothing cross-validation of ``cfg``'s recipe on ``recording`` (see the module docstring).
@@ -125,7 +126,9 @@ def cross_validate_recording(recording: Recording, cfg: RecordingConfig, out: Pa
     Fold ``f`` scores trials ``kfold_indices(n_trials, K, seed)[f]`` and holds out the units
     ``rng.choice(n_units, n_heldout)`` of ``numpy.random.default_rng(seed + 1)`` drawn fold after fold.
     Checkpoints go to ``out/fold{f}/checkpoints``. The smoothing baseline chooses its kernel and GLM
-    penalty on the fold's other trials (``kern_sd_ms="cv"``).
+    penalty on the fold's other trials (``kern_sd_ms="cv"``). The folds train on ``executor``
+    (default: ``workers`` local worker processes; :class:`~pyro_langevin.executor.Executor` with an
+    ``address`` runs them as Ray tasks).
 
     Returns
     -------
@@ -150,7 +153,7 @@ def cross_validate_recording(recording: Recording, cfg: RecordingConfig, out: Pa
         chosen[len(chosen)] = info
         return scores
 
-    records, _ = train_folds(folds, cfg, out, seed, device, baseline, log=log, executor=Executor(workers=workers), resume=resume,
+    records, _ = train_folds(folds, cfg, out, seed, device, baseline, log=log, executor=executor or Executor(workers=workers), resume=resume,
                              progress=progress, meta=dict(meta or {}))
     for f, record in enumerate(records):
         record["heldout_units"] = [recording.unit_ids[u].item() for u in heldout[f]]
@@ -187,8 +190,8 @@ def fit_final(recording: Recording, cfg: RecordingConfig, out: Path, seed: int =
 
 def fit_recording(recording: Recording, out: PathLike, *, config: Optional[RecordingConfig] = None,
                   overrides: Optional[Mapping[str, Any]] = None, epochs: Optional[int] = None, quick: bool = False,
-                  seed: int = 0, device: Any = None, workers: int = 1, resume: bool = False, progress: bool = True,
-                  log: Callable[[str], None] = print) -> Dict[str, Any]:
+                  seed: int = 0, device: Any = None, workers: int = 1, executor: Optional[Executor] = None,
+                  resume: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Score, fit and summarise ``recording`` into ``out`` (see the module docstring).
 
     Parameters
@@ -206,6 +209,9 @@ def fit_recording(recording: Recording, out: PathLike, *, config: Optional[Recor
         ``cuda`` when available, else ``cpu``.
     workers : int
         Cross-validation folds trained at once in worker processes (CPU).
+    executor : Executor, optional
+        Where the folds train instead (e.g. ``Executor(address="auto")``: Ray tasks on a cluster; the
+        data go through Ray's object store, the checkpoints to ``out``, which the nodes must share).
     resume : bool
         Continue the folds' and the fit's checkpoints in ``out`` (they must come from the same run,
         :func:`check_resumable`).
@@ -236,8 +242,9 @@ def fit_recording(recording: Recording, out: PathLike, *, config: Optional[Recor
     cv = None
     t_cv = time.perf_counter()
     if cfg.cv.folds:
-        cv = cross_validate_recording(recording, cfg, out / "cv", seed, dev, workers=workers, resume=resume,
-                                      progress=progress and workers <= 1, meta=meta, log=log)
+        cv = cross_validate_recording(recording, cfg, out / "cv", seed, dev, workers=workers, executor=executor,
+                                      resume=resume, progress=progress and workers <= 1 and executor is None,
+                                      meta=meta, log=log)
         log(format_cv_table(cv["summary"], cv["k"], "the trials, held-out units drawn per fold"))
     cv_seconds = time.perf_counter() - t_cv
     t_fit = time.perf_counter()
