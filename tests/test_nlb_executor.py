@@ -27,7 +27,6 @@ from pyro_langevin.nlb.cli import nlb_main  # noqa: E402
 from pyro_langevin.nlb.config import default_config  # noqa: E402
 from pyro_langevin.nlb.cv import cross_validate  # noqa: E402
 from pyro_langevin.nlb.data import load_nlb  # noqa: E402
-from pyro_langevin.executor import import_ray  # noqa: E402
 from pyro_langevin.members import DONE_FILE, MemberResult, MemberSpec, finished_member, write_done  # noqa: E402
 from pyro_langevin.nlb.pipeline import run_nlb  # noqa: E402
 from pyro_langevin.nlb.request import NLBRequest  # noqa: E402
@@ -53,20 +52,8 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    from ray.cluster_utils import Cluster
-
-    import_ray()  # the settings the commands use (worker niceness 0: Ray's 15 crawls on a busy machine)
-    ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    c.add_node(num_cpus=1)
-    try:
-        ray.init(address=c.address, log_to_driver=False, logging_level="ERROR")
-        c.wait_for_nodes()
-        yield {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    finally:
-        ray.shutdown()
-        c.shutdown()
+def cluster(two_node_cluster):
+    return two_node_cluster
 
 
 def ensemble(out, **kw):

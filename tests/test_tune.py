@@ -219,20 +219,8 @@ def test_resume_continues_an_interrupted_search(local_ray, tmp_path):
         assert progress["iterations_since_restore"].iloc[-1] < 8
 
 
-def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    try:
-        ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
-        cluster.wait_for_nodes()
-        tune(NLBRequest("mc_maze_small", DATA, 5, "val", tmp_path / "out", quick=True), scheduler="random",
-             num_samples=2, cpus_per_trial=1, log=lambda s: None)
-        trials = pd.read_csv(tmp_path / "out" / "trials.csv")
-        assert trials["node_id"].nunique() == 2
-        assert set(trials["node_id"]) == {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+def test_two_node_cluster_runs_trials_on_both_nodes(two_node_cluster, tmp_path):
+    tune(NLBRequest("mc_maze_small", DATA, 5, "val", tmp_path / "out", quick=True), scheduler="random",
+         num_samples=2, cpus_per_trial=1, log=lambda s: None)
+    trials = pd.read_csv(tmp_path / "out" / "trials.csv")
+    assert trials["node_id"].nunique() == 2 and set(trials["node_id"]) == two_node_cluster
