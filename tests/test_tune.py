@@ -213,10 +213,15 @@ def test_resume_continues_an_interrupted_search(local_ray, tmp_path):
     assert len(trials) == 2 and (trials["epochs"] == 8).all() and not best["unfinished"]
     history = pd.read_csv(out / "population.csv")  # both runs' results
     assert set(history["trial_id"]) == set(trials["trial_id"]) and len(history) >= 2 * 8
-    for folder, n in before.items():  # continued from the checkpoint: fewer than 8 validations since
+    assert any(n > 0 for n in before.values())  # the interrupt came after a first checkpoint
+    for folder, n in before.items():
         progress = pd.read_csv(out / "search" / folder / "progress.csv")
         assert progress["training_iteration"].iloc[-1] == 8 and progress["epoch"].iloc[-1] == 8
-        assert progress["iterations_since_restore"].iloc[-1] < 8
+        # a trial with checkpoints continued from one (Tune restores the last one its state recorded):
+        # fewer than 8 validations since; one the interrupt caught before its first checkpoint (a
+        # loaded machine) starts afresh
+        if n:
+            assert progress["iterations_since_restore"].iloc[-1] < 8, folder
 
 
 def test_two_node_cluster_runs_trials_on_both_nodes(two_node_cluster, tmp_path):
