@@ -77,7 +77,7 @@ step cuda_tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step svi_step 60 $PY benchmarks/svi_step.py --device cuda --repeats 5
 step posterior_speed 60 $PY benchmarks/posterior_speed.py --device cuda --max-tiled 256 1000 5000 --repeats 3
 step lorenz 90 $PY examples/lorenz.py --device cuda --out "$OUT/lorenz" --overwrite --no-progress
-step full_size 120 $PY benchmarks/nlb_full_size.py --device cuda --data /tmp/nlb-full --out /tmp/full-size \
+step full_size 120 $PY benchmarks/nlb_full_size.py --device cuda --data /tmp/nlb-full --out /tmp/full-size --overwrite \
     --datasets mc_maze --fit-bins 20 5 --epochs 3 --export-draws 10 --json "$OUT/full_size.json"
 step mms_default 150 $PY examples/nlb.py --dataset mc_maze_small --data-dir "$DATA" --bin-ms 5 --phase val \
     --device cuda --out /tmp/mms-default --overwrite --no-progress

@@ -216,6 +216,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="folder for the synthetic datasets (written once)")
     p.add_argument("--out", type=Path, default=Path("runs/full-size"), help="runs' output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier benchmark in --out")
     p.add_argument("--datasets", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--fit-bins", nargs="+", type=int, default=[20, 5], choices=[5, 20])
     p.add_argument("--epochs", type=int, default=3, help="epochs per measured run, >= 3 (default 3)")
@@ -227,6 +228,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = p.parse_args(argv)
     if args.epochs < 3:
         p.error("--epochs must be >= 3 (a warm-up epoch, plain epochs, and the last one, which validates)")
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
+        p.error(f"--out {args.out} holds an earlier benchmark's runs; give --overwrite to replace them")
     args.out.mkdir(parents=True, exist_ok=True)
     rows: List[Row] = []
     for name in args.datasets:
