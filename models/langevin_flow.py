@@ -168,12 +168,17 @@ class LangevinFlow(PyroRegistered):
             z_path = pyro.deterministic("z", torch.stack(zs, dim=-2), event_dim=2)
             v_path = pyro.deterministic("v", torch.stack(vs, dim=-2), event_dim=2)
             rates = pyro.deterministic("rates", torch.exp(self.decoder(z_path, v_path)), event_dim=2)
-            obs_dist = dist.Poisson(rates)
-            if batch is None:
-                return pyro.sample("spikes", obs_dist.to_event(2))
-            # Entries outside the mask may hold anything (NaN for missing data): a NaN there would
-            # still poison the gradient through the masked log-prob (0 * NaN), so fill them first.
-            observed = torch.where(batch.mask, batch.target, torch.zeros_like(batch.target))
-            return pyro.sample("spikes", obs_dist.mask(batch.mask).to_event(2), obs=observed)
+            return self.observe(rates, batch)
+
+    def observe(self, rates: torch.Tensor, batch: Optional[Batch]) -> torch.Tensor:
+        """The observation site(s), inside the ``"trials"`` plate: ``spikes`` ~ Poisson(``rates``) under
+        ``batch.mask`` (sampled when ``batch`` is None). A stitched model has one site per session."""
+        obs_dist = dist.Poisson(rates)
+        if batch is None:
+            return pyro.sample("spikes", obs_dist.to_event(2))
+        # Entries outside the mask may hold anything (NaN for missing data): a NaN there would
+        # still poison the gradient through the masked log-prob (0 * NaN), so fill them first.
+        observed = torch.where(batch.mask, batch.target, torch.zeros_like(batch.target))
+        return pyro.sample("spikes", obs_dist.mask(batch.mask).to_event(2), obs=observed)
 
     model = forward

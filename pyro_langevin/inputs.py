@@ -20,5 +20,6 @@ def encoder_features(counts: torch.Tensor) -> torch.Tensor:
 
 
 def counts_with_features(features: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`encoder_features`: non-negative values whose features are ``features``."""
+    """The inverse of :func:`encoder_features`: values whose features are ``features`` (non-negative
+    where they are; a stitched guide's read-in features below 0 give values in (-1, 0))."""
     return torch.expm1(features)

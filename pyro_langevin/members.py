@@ -44,6 +44,8 @@ from pyro_langevin.data.splits import TrialSizes, build_training_batch, kfold_in
 from pyro_langevin.executor import Executor, Placement
 from pyro_langevin.posterior import posterior_rates
 from pyro_langevin.scoring import Rates, score_local
+from pyro_langevin.sessions import SessionLayout
+from pyro_langevin.stitching import balance_sessions
 from pyro_langevin.spec import FitConfig, RunSpec, SpecError, build, load_run, register_spec_class, run_meta
 from pyro_langevin.training import fit
 
@@ -111,6 +113,8 @@ class TrialSet(TrialSizes):
 
     train: Batch
     eval: Optional[Batch] = None
+    #: A stitched run's :class:`~pyro_langevin.sessions.SessionLayout` as a dict (None: one session).
+    sessions: Optional[Dict[str, Any]] = None
 
 
 def cobps_metric(n_samples: int = 10, seed: int = 0) -> Callable[[Any, Any, Batch], Dict[str, float]]:
@@ -237,14 +241,16 @@ def member_meta(spec: MemberSpec, cfg: MemberRunSpec, data: Trials, meta: Option
     """What the member's checkpoints record (:func:`~pyro_langevin.spec.run_meta` of its own run spec,
     the run's ``meta``, its number): what rebuilds it, and what a resumed run must match."""
     data = spec.trials if spec.trials is not None else data
-    return run_meta(member_config(spec, cfg), data.n_neurons, data.n_heldin, **(meta or {}), member=spec.index)
+    sessions = getattr(data, "sessions", None)
+    extra = {} if sessions is None else {"sessions": sessions}
+    return run_meta(member_config(spec, cfg), data.n_neurons, data.n_heldin, **(meta or {}), **extra, member=spec.index)
 
 
 def build_member(spec: MemberSpec, cfg: MemberRunSpec, data: Trials) -> Tuple[MemberRunSpec, Any, Any]:
     """The member's own run spec (:func:`member_config`) and its freshly built model and guide,
     initialised from that seed."""
     cfg = member_config(spec, cfg)
-    model, guide = build(cfg, data.n_neurons, data.n_heldin)
+    model, guide = build(cfg, data.n_neurons, data.n_heldin, getattr(data, "sessions", None))
     return cfg, model, guide
 
 
@@ -280,6 +286,8 @@ def train_member(
         torch.set_num_threads(int(threads))
     data = spec.trials if spec.trials is not None else data
     train = spec.training_batch()
+    if getattr(data, "sessions", None) is not None:  # stitched: every session weighted equally per epoch
+        train = balance_sessions(train, SessionLayout.from_dict(data.sessions))
     wanted = member_meta(spec, cfg, data, meta)
     cfg, model, guide = build_member(spec, cfg, data)
     last = spec.checkpoint_dir / "last.pt"

@@ -90,10 +90,18 @@ class PyroRegistered(nn.Module):
         """
         _release(self._store_entries)
 
+    def pyro_parameters(self):
+        """``(name, parameter)`` pairs this instance registers (default: all of ``named_parameters``).
+
+        A module that wraps another registered module (which registers its own under its own name)
+        leaves that module's parameters out here, so no tensor has two names in the store.
+        """
+        return self.named_parameters()
+
     def register_params(self) -> None:
         """Declare every trainable parameter as a Pyro ``param`` site (frozen ones are skipped)."""
         store = pyro.get_param_store()
-        for name, value in self.named_parameters():
+        for name, value in self.pyro_parameters():
             if not value.requires_grad:
                 continue
             full_name = param_with_module_name(self.pyro_name, name)

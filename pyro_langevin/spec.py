@@ -31,11 +31,15 @@ from pyro_langevin.guides.bigru import BiGRUGuide
 from pyro_langevin.guides.gru import GRUGuide
 from pyro_langevin.guides.initial_state import InitialStateGuide
 from pyro_langevin.guides.meanfield import MeanFieldGuide
+from pyro_langevin.guides.stitched import StitchedGuide
 from pyro_langevin.models.langevin_flow import LangevinFlow
+from pyro_langevin.models.stitched import StitchedFlow
+from pyro_langevin.sessions import SessionLayout
 
 __all__ = [
     "ModelConfig", "GuideConfig", "FitConfig", "ramp_epochs", "RunSpec", "SpecError", "GUIDES", "register_guide",
-    "SPEC_CLASSES", "register_spec_class", "build", "check_buildable", "run_meta", "load_run", "LoadedRun", "read_spec_file",
+    "SPEC_CLASSES", "register_spec_class", "build", "build_stitched", "check_buildable", "run_meta", "load_run",
+    "LoadedRun", "read_spec_file",
 ]
 
 
@@ -71,8 +75,12 @@ class ModelConfig:
 
     def build(self, n_neurons: int) -> LangevinFlow:
         """The model over ``n_neurons`` neurons (held-in + held-out)."""
-        return LangevinFlow(
-            n_neurons, latent_dim=self.latent_dim, dt=self.dt, gamma=self.gamma, sigma=self.sigma, mass=self.mass,
+        return LangevinFlow(n_neurons, **self.model_kwargs())
+
+    def model_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments of :class:`~pyro_langevin.models.LangevinFlow` (and the stitched model) but the size."""
+        return dict(
+            latent_dim=self.latent_dim, dt=self.dt, gamma=self.gamma, sigma=self.sigma, mass=self.mass,
             learn_gamma=self.learn_gamma, learn_sigma=self.learn_sigma, overdamped=self.overdamped,
             potential=self.potential, potential_kwargs=dict(self.potential_kwargs) or None,
             decoder_kwargs=dict(d_model=self.d_model, n_heads=self.n_heads,
@@ -495,17 +503,35 @@ def read_spec_file(path: Union[str, Path], spec: RunSpec) -> Dict[str, Any]:
         raise SpecError(f"spec file {path}: {exc}") from None
 
 
-def build(spec: RunSpec, n_neurons: int, n_heldin: int) -> tuple[LangevinFlow, torch.nn.Module]:
+def build(spec: RunSpec, n_neurons: int, n_heldin: int,
+          sessions: Optional[Mapping[str, Any]] = None) -> tuple[LangevinFlow, torch.nn.Module]:
     """The model and guide of ``spec`` for data with ``n_neurons`` neurons, ``n_heldin`` of them read by the guide.
 
     Their initial parameters are drawn from ``torch.manual_seed(spec.fit.seed)`` (on a forked RNG,
     leaving the global one untouched): the same spec gives the same initial state in any process
-    (PyTorch seeds its default generator at random at start-up).
+    (PyTorch seeds its default generator at random at start-up). With ``sessions`` (a
+    :class:`~pyro_langevin.sessions.SessionLayout` as a dict, whose sizes must match) they are the
+    stitched model and guide (:func:`build_stitched`).
     """
+    if sessions is not None:
+        layout = SessionLayout.from_dict(sessions)
+        if (layout.n_neurons, layout.n_heldin) != (n_neurons, n_heldin):
+            raise SpecError(f"the sessions have {layout.n_neurons} units ({layout.n_heldin} held in), the data "
+                            f"{n_neurons} ({n_heldin})")
+        return build_stitched(spec, layout)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.fit.seed)
         model = spec.model.build(n_neurons)
         return model, spec.guide.build(model, n_heldin)
+
+
+def build_stitched(spec: RunSpec, layout: SessionLayout) -> tuple[StitchedFlow, StitchedGuide]:
+    """The stitched model of ``spec``'s model settings over ``layout``'s sessions, and ``spec``'s guide
+    reading ``layout.readin_dim`` features behind a read-in per session (seeded as :func:`build`)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.fit.seed)
+        model = StitchedFlow(layout, **spec.model.model_kwargs())
+        return model, StitchedGuide(spec.guide.build(model, layout.readin_dim), layout)
 
 
 def check_buildable(spec: RunSpec) -> RunSpec:
@@ -574,7 +600,7 @@ def load_run(path: Union[str, Path], which: str = "best", spec_class: Optional[t
         raise SpecError(f"{p} has no run spec in its meta (saved by an older version, or by fit() without "
                         f"meta=run_meta(...)); rebuild the model and guide yourself and use restore_checkpoint")
     spec = (spec_class or _spec_class(meta)).from_dict(meta["spec"])
-    model, guide = build(spec, meta["n_neurons"], meta["n_heldin"])
+    model, guide = build(spec, meta["n_neurons"], meta["n_heldin"], meta.get("sessions"))
     restore_checkpoint(ckpt, model, guide, map_location=map_location)
     model.eval()
     guide.eval()
