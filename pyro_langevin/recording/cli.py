@@ -41,7 +41,7 @@ from pyro_langevin.recording.config import RecordingConfig
 from pyro_langevin.recording.data import Recording, read_arrays
 from pyro_langevin.spec import SpecError
 
-__all__ = ["fit_main", "add_fit_arguments", "read_recording"]
+__all__ = ["fit_main", "add_fit_arguments", "read_recording", "sources", "print_headline"]
 
 #: Options that read the NWB tables (refused with --arrays).
 NWB_ONLY = ("align", "trials", "where", "units", "min_rate", "drop_short")
@@ -88,9 +88,25 @@ def _non_negative_float(text: str) -> float:
 def add_fit_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Every option of ``pyro-langevin fit``."""
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--nwb", type=Path, metavar="FILE", help="an NWB file with a trials table and a units table")
-    src.add_argument("--arrays", type=Path, metavar="FILE",
-                     help="an .npz or .h5 file with a counts array (trial, time, unit) under --counts")
+    src.add_argument("--nwb", type=Path, metavar="FILE", action="append",
+                     help="an NWB file with a trials table and a units table; repeat it to stitch sessions (one "
+                          "file each) into one model")
+    src.add_argument("--arrays", type=Path, metavar="FILE", action="append",
+                     help="an .npz or .h5 file with a counts array (trial, time, unit) under --counts; repeat it to "
+                          "stitch sessions")
+    s = p.add_argument_group("many sessions (docs/stitching.md)")
+    s.add_argument("--session-names", type=_names, default=None, metavar="A,B,...",
+                   help="the sessions' names, one per file (default: the files' stems)")
+    s.add_argument("--from", dest="from_run", type=Path, default=None, metavar="RUN",
+                   help="add the file as a new session to the stitched run RUN (only its read-in and read-out "
+                        "train; RUN is not changed; the grown run goes to --out)")
+    s.add_argument("--readin-dim", type=non_negative_int, default=0, metavar="D",
+                   help="width of the per-session read-in (default: the smallest session's units, at most 32)")
+    s.add_argument("--readin-init", choices=("auto", "pcr", "random"), default="auto",
+                   help="read-in initialisation: PCR alignment of the condition averages (needs --condition), "
+                        "random, or auto (PCR when every session has conditions)")
+    s.add_argument("--freeze-readin", action="store_true",
+                   help="keep the read-ins at their initial value (default: they train)")
     g = p.add_argument_group("what to read")
     g.add_argument("--bin-ms", type=_positive_float, default=20.0, help="bin width in ms (default 20)")
     g.add_argument("--align", default="start_time", metavar="EVENT",
@@ -128,31 +144,48 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def read_recording(args: argparse.Namespace) -> Recording:
-    """The recording the options name (raises a one-line error naming the file and the field)."""
+def _names(text: str) -> list:
+    """argparse type: comma-separated session names."""
+    return [x.strip() for x in text.split(",")]
+
+
+def sources(args: argparse.Namespace) -> list:
+    """The files the options name, one per session (``--arrays`` or ``--nwb``, in order)."""
+    return list(args.arrays if args.arrays is not None else args.nwb)
+
+
+def read_recording(args: argparse.Namespace, path: Optional[Path] = None) -> Recording:
+    """The recording of ``path`` (default: the one file the options name) read as the options say
+    (raises a one-line error naming the file and the field)."""
     if args.arrays is not None:
+        path = path or args.arrays[0]
         used = [f"--{name.replace('_', '-')}" for name in NWB_ONLY
                 if getattr(args, name) not in (None, False, "start_time")]
         if used:
             verb = "reads" if len(used) == 1 else "read"
-            raise OptionError(f"{', '.join(used)} {verb} the NWB trials and units tables: not with --arrays {args.arrays}")
+            raise OptionError(f"{', '.join(used)} {verb} the NWB trials and units tables: not with --arrays {path}")
         start = 0.0 if args.window is None else args.window[0]
-        rec = read_arrays(args.arrays, args.bin_ms, args.counts, args.behavior, args.condition, start_ms=start)
+        rec = read_arrays(path, args.bin_ms, args.counts, args.behavior, args.condition, start_ms=start)
         if args.window is not None and abs((args.window[1] - args.window[0]) - rec.n_bins * args.bin_ms) > 1e-6:
             raise OptionError(f"--window {args.window[0]:g},{args.window[1]:g} is {args.window[1] - args.window[0]:g} ms, "
-                              f"but {args.arrays} holds {rec.n_bins} bins of {args.bin_ms:g} ms")
+                              f"but {path} holds {rec.n_bins} bins of {args.bin_ms:g} ms")
         return rec
     from pyro_langevin.recording.nwb import read_nwb
 
     if args.counts != "counts":
         raise OptionError("--counts names the counts array of --arrays: not with --nwb")
-    return read_nwb(args.nwb, bin_ms=args.bin_ms, align=args.align, window_ms=args.window, units=args.units,
+    return read_nwb(path or args.nwb[0], bin_ms=args.bin_ms, align=args.align, window_ms=args.window, units=args.units,
                     where=args.where, min_rate_hz=args.min_rate, trials=args.trials, condition=args.condition,
                     behavior=args.behavior, drop_short=args.drop_short)
 
 
 def _fit(args: argparse.Namespace, session: Session) -> None:
-    source = args.nwb if args.nwb is not None else args.arrays
+    files = sources(args)
+    if args.from_run is not None or len(files) > 1 or args.session_names is not None:
+        from pyro_langevin.recording.stitch_cli import fit_sessions  # heavy: only for stitched runs
+
+        return fit_sessions(args, session, files, read_recording, print_headline)
+    source = files[0]
     name = f"fit/{Path(source).stem}"
     if args.cv == 1:
         raise OptionError("--cv needs K >= 2 folds (or 0: no cross-validation)")
@@ -182,8 +215,13 @@ def _fit(args: argparse.Namespace, session: Session) -> None:
                                 executor=executor if executor.on_ray else None, resume=args.resume,
                                 progress=not args.no_progress)
     print(format_summary(metrics))
+    print_headline(metrics, run.out)
+
+
+def print_headline(metrics: dict, out: Path) -> None:
+    """The last line of ``pyro-langevin fit``: the headline numbers as JSON."""
     cv = metrics["cv"]
-    head = {"out": str(run.out), "seconds": metrics["seconds"]["total"]}
+    head = {"out": str(out), "seconds": metrics["seconds"]["total"]}
     if cv:
         sm = cv["summary"]
         head.update({"co_bps": sm["model"]["co-bps"]["mean"], "co_bps_se": sm["model"]["co-bps"]["se"],

@@ -6,7 +6,8 @@
 * :func:`plot_psths`: PSTHs by condition: the observed mean rate and the model's condition-averaged
   rate with its posterior band;
 * :func:`plot_latents`: the condition-averaged latent paths on their top principal components;
-* :func:`plot_cv`: each fold's co-bps of the model and of the smoothing baseline, paired.
+* :func:`plot_cv`: each fold's co-bps of the model and of the smoothing baseline, paired;
+* :func:`plot_shared_latents`: a stitched fit's sessions' condition-averaged latents on one plane.
 
 They take a :class:`~pyro_langevin.recording.summary.PosteriorSummary` (and the recording's axes) or
 cross-validation records, and return a ``Figure``; :func:`save_figures` writes them all as PNG.
@@ -26,7 +27,8 @@ import numpy as np  # noqa: E402
 from pyro_langevin.recording.data import Recording  # noqa: E402
 from pyro_langevin.recording.summary import PosteriorSummary, latent_components  # noqa: E402
 
-__all__ = ["example_units", "example_trials", "plot_rasters", "plot_psths", "plot_latents", "plot_cv", "save_figures"]
+__all__ = ["example_units", "example_trials", "plot_rasters", "plot_psths", "plot_latents", "plot_cv", "save_figures",
+           "plot_shared_latents"]
 
 
 _MAGMA = plt.get_cmap("magma").with_extremes(bad="white")  # padding (NaN) in white
@@ -245,3 +247,25 @@ def save_figures(out: Union[str, Path], recording: Recording, summary: Posterior
         plt.close(fig)
         written[name] = path
     return written
+
+
+def plot_shared_latents(plane: Dict[str, Any]):
+    """Every session's condition-averaged latent paths in one shared plane
+    (:func:`~pyro_langevin.recording.summary.shared_latent_plane`): colour = condition, line style and
+    marker = session (dot: first bin)."""
+    conditions = sorted({c for labels in plane["conditions"].values() for c in labels})
+    colour = dict(zip(conditions, _colours(len(conditions))))
+    styles = ["-", "--", ":", "-."]
+    fig, ax = plt.subplots(figsize=(6.4, 5.4))
+    for j, (name, paths) in enumerate(plane["paths"].items()):
+        for c, label in enumerate(plane["conditions"][name]):
+            ax.plot(paths[c, :, 0], paths[c, :, 1], styles[j % len(styles)], color=colour[label], lw=1.5,
+                    label=name if c == 0 else None)
+            ax.scatter(paths[c, 0, 0], paths[c, 0, 1], color=colour[label], s=14)
+    ax.set_xlabel(f"shared latent PC 1 ({100 * plane['explained'][0]:.0f}% of variance)")
+    ax.set_ylabel(f"shared latent PC 2 ({100 * plane['explained'][1]:.0f}% of variance)")
+    ax.set_title(f"{len(plane['paths'])} sessions, one latent space: condition averages\n(colour: condition, "
+                 "line style: session, dot: first bin)", fontsize=10)
+    ax.legend(fontsize=8, loc="best", title="session")
+    fig.tight_layout()
+    return fig

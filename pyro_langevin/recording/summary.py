@@ -95,7 +95,8 @@ def _chunk_size(n_draws: int, n_bins: int, width: int, budget: int = 20_000_000)
 
 
 def summarize_posterior(model: Any, guide: Any, recording: Recording, n_draws: int = 50, prob: float = 0.9,
-                        seed: int = 0, device: Any = "cpu") -> PosteriorSummary:
+                        seed: int = 0, device: Any = "cpu", *, batch: Any = None,
+                        rate_columns: Optional[np.ndarray] = None) -> PosteriorSummary:
     """Posterior summaries of every trial and condition of ``recording`` (all units held in, as the
     final fit reads them), from ``n_draws`` draws of the guide replayed through the model.
 
@@ -111,11 +112,15 @@ def summarize_posterior(model: Any, guide: Any, recording: Recording, n_draws: i
         Seeds the draws.
     device : str or torch.device
         Where the model and guide are.
+    batch, rate_columns : optional
+        The recording's trials as the model reads them (default ``recording.batch()``; a stitched
+        model reads them in its sessions' layout) and the columns of its ``rates`` that are the
+        recording's units (default all).
     """
     if not 0 < prob < 1:
         raise ValueError(f"prob must be in (0, 1), got {prob}")
     q = [(1 - prob) / 2, (1 + prob) / 2]
-    batch = recording.batch().to(device)
+    batch = (recording.batch() if batch is None else batch).to(device)
     obs = recording.observed
     if recording.conditions is None:
         conditions, trial_cond = [ALL_TRIALS], np.zeros(recording.n_trials, dtype=int)
@@ -138,6 +143,8 @@ def summarize_posterior(model: Any, guide: Any, recording: Recording, n_draws: i
         draws = posterior_predictive(model, guide, batch[rows], n_samples=n_draws, sites=("rates", "z"))
         for site in ("rates", "z"):
             x = draws[site].astype(np.float64)  # (draw, trial, time, width)
+            if site == "rates" and rate_columns is not None:
+                x = x[..., rate_columns]
             lo, hi = np.quantile(x, q, axis=0)
             per_trial[site].append([x.mean(axis=0), lo, hi])
             part = np.einsum("skti,kct->scti", x, weight[rows])  # draws of each condition's sum over trials
@@ -239,3 +246,21 @@ def to_inference_data(summary: PosteriorSummary, recording: Recording, attrs: Op
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # arviz warns about groups without chain/draw dims
         return az.InferenceData(posterior=posterior, observed_data=observed, constant_data=constant)
+
+
+def shared_latent_plane(summaries: Dict[str, PosteriorSummary], k: int = 2) -> Dict[str, Any]:
+    """Every session's condition-averaged latent paths on ONE plane: the top ``k`` principal components
+    of all sessions' condition averages together (a stitched fit's latents share one space).
+
+    Returns ``{"paths": {session: (condition, time, k)}, "conditions": {session: [labels]},
+    "explained": (k,) fraction of variance, "axes": (latent, k), "centre": (latent,)}``.
+    """
+    means = {name: s.cond_latent_draws.astype(np.float64).mean(axis=0) for name, s in summaries.items()}
+    stacked = np.concatenate([m.reshape(-1, m.shape[-1]) for m in means.values()])
+    stacked = stacked[np.isfinite(stacked).all(axis=1)]
+    centre = stacked.mean(axis=0)
+    _, sv, vt = np.linalg.svd(stacked - centre, full_matrices=False)
+    axes = vt[:k].T
+    return {"paths": {name: (m - centre) @ axes for name, m in means.items()},
+            "conditions": {name: list(s.conditions) for name, s in summaries.items()},
+            "explained": (sv[:k] ** 2) / max(float((sv ** 2).sum()), 1e-300), "axes": axes, "centre": centre}
