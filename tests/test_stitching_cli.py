@@ -166,3 +166,18 @@ def test_add_session_keeps_every_shared_and_old_session_parameter_bit_identical(
     init_model, init_guide = build_stitched(grown.spec, grown.model.layout)
     assert not torch.equal(init_model.decoder.readout.sessions["C"].weight, grown.model.decoder.readout.sessions["C"].weight)
     assert not torch.equal(init_guide.readin["C"].weight, grown.guide.readin["C"].weight)
+
+
+def test_the_stitching_example_runs_quick_and_scores_both_recipes_on_held_out_trials(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stitching_example", Path(__file__).parents[1] / "examples" / "stitching.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--quick", "--epochs", "2", "--sessions", "3", "--out", str(tmp_path / "x"), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "x" / "stitching.json").read_text())
+    (record,) = metrics["results"]
+    assert [s["trials"] for s in record["sessions"]] == [10, 35, 60]
+    for recipe in ("stitched", "separate"):
+        assert len(record[recipe]["rate_r2"]) == 3 and np.isfinite(record[recipe]["one_map_r2"])
+    assert (tmp_path / "x" / "stitching.png").stat().st_size > 0

@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pyro_langevin.recording.data import Recording  # noqa: E402
@@ -259,13 +260,15 @@ def plot_shared_latents(plane: Dict[str, Any]):
     fig, ax = plt.subplots(figsize=(6.4, 5.4))
     for j, (name, paths) in enumerate(plane["paths"].items()):
         for c, label in enumerate(plane["conditions"][name]):
-            ax.plot(paths[c, :, 0], paths[c, :, 1], styles[j % len(styles)], color=colour[label], lw=1.5,
-                    label=name if c == 0 else None)
+            ax.plot(paths[c, :, 0], paths[c, :, 1], styles[j % len(styles)], color=colour[label], lw=1.5)
             ax.scatter(paths[c, 0, 0], paths[c, 0, 1], color=colour[label], s=14)
     ax.set_xlabel(f"shared latent PC 1 ({100 * plane['explained'][0]:.0f}% of variance)")
     ax.set_ylabel(f"shared latent PC 2 ({100 * plane['explained'][1]:.0f}% of variance)")
     ax.set_title(f"{len(plane['paths'])} sessions, one latent space: condition averages\n(colour: condition, "
                  "line style: session, dot: first bin)", fontsize=10)
-    ax.legend(fontsize=8, loc="best", title="session")
+    handles = [Line2D([], [], ls=styles[j % len(styles)], color="0.25", label=name) for j, name in enumerate(plane["paths"])]
+    if len(conditions) <= 12:
+        handles += [Line2D([], [], color=colour[c], label=f"condition {c}") for c in conditions]
+    ax.legend(handles=handles, fontsize=7, loc="best")
     fig.tight_layout()
     return fig
