@@ -4,6 +4,8 @@
     python examples/nlb.py --dataset mc_maze_small --data-dir DIR --quick --out runs/smoke
     python examples/nlb.py --dataset mc_maze_small --data-dir DIR --bin-ms 20 --cv 5     # accuracy estimate
     python examples/nlb.py --dataset mc_maze --data-dir ~/dandi --bin-ms 20 --phase test --device cuda
+    python examples/nlb.py --dataset mc_maze_small,mc_maze_medium,mc_maze_large --data-dir DIR --bin-ms 20
+                                                  # stitched: one model, one submission (docs/stitching.md)
 
 ``--data-dir`` holds the DANDI layout (``dandi download DANDI:000140`` gives
 ``000140/sub-Jenkins/*.nwb``) and/or preprocessed ``{dataset}-{bin:02d}ms-{phase}/`` folders

@@ -24,7 +24,8 @@ from pyro_langevin.inputs import encoder_features
 from pyro_langevin.pcr import condition_averages, pcr_readins
 from pyro_langevin.sessions import SessionError, SessionLayout
 
-__all__ = ["stitch_batches", "embed_session", "session_view", "session_rows", "balance_sessions", "split_sessions", "pcr_layout",
+__all__ = ["stitch_batches", "embed_session", "session_view", "session_rows", "concat_trials", "balance_sessions",
+           "split_sessions", "pcr_layout",
            "freeze_shared", "shared_parameters", "session_parameter_names"]
 
 
@@ -111,10 +112,11 @@ def split_sessions(batch: Batch, layout: SessionLayout, frac: float, seed: int) 
         fit, valid = split_train_valid(batch[rows], frac, seed)
         fits.append(fit)
         valids.append(valid)
-    return _concat(fits), _concat(valids)
+    return concat_trials(fits), concat_trials(valids)
 
 
-def _concat(parts: Sequence[Batch]) -> Batch:
+def concat_trials(parts: Sequence[Batch]) -> Batch:
+    """Trials of stitched batches of one layout, one after the other (behaviour kept only when all have it)."""
     beh = None if any(p.behavior is None for p in parts) else torch.cat([p.behavior for p in parts])
     return Batch(input=torch.cat([p.input for p in parts]), target=torch.cat([p.target for p in parts]),
                  mask=torch.cat([p.mask for p in parts]), index=torch.cat([p.index for p in parts]), behavior=beh)

@@ -119,6 +119,8 @@ def _nlb(args: argparse.Namespace, session: Session) -> None:
     """Check every option, then run the pipeline (or the cross-validation) and print its table and JSON."""
     if args.cv is not None and args.cv < 2:
         raise OptionError(f"--cv needs K >= 2 folds, got {args.cv}")
+    if "," in args.dataset:
+        return _nlb_stitched(args, session)
     executor = executor_options(args)
     request, cfg = _request(args, args.out or Path("."), threads=args.threads, progress=not args.no_progress,
                             resume=args.resume, device=args.device, **executor)
@@ -158,6 +160,34 @@ def _run_nlb(args: argparse.Namespace, session: Session, request: NLBRequest, cf
 
     metrics = run_nlb(request)
     print(format_table(metrics))
+    print(f"wrote {run.out / 'metrics.json'}, {metrics['submission']} and {metrics['submission_smoothing']}")
+    print(json.dumps(metrics))
+
+
+def _nlb_stitched(args: argparse.Namespace, session: Session) -> None:
+    """``--dataset A,B,C``: the datasets stitched into one model, one submission (:mod:`pyro_langevin.nlb.stitch`)."""
+    names = [n.strip() for n in args.dataset.split(",")]
+    if len(set(names)) != len(names):
+        raise OptionError(f"--dataset {args.dataset}: a dataset is named twice")
+    if args.cv is not None:
+        raise OptionError("--cv: not with several --dataset names (cross-validation of a stitched NLB run is not built)")
+    executor = executor_options(args)
+    run_opts = dict(threads=args.threads, progress=not args.no_progress, resume=args.resume, device=args.device, **executor)
+    requests = [_request(argparse.Namespace(**{**vars(args), "dataset": n}), args.out or Path("."), **run_opts)[0]
+                for n in names]
+    check_nlb_tools()
+    meta = {**requests[0].meta(), "dataset": args.dataset, "spec": requests[0].spec().to_dict()}
+    run = session.options = check_run_options(args, f"nlb/{'+'.join(names)}-{args.bin_ms:02d}ms-{args.phase}", meta)
+    n_models = requests[0].spec().eval.n_models
+    requests = [r.replace(out=run.out, device=run.device, storage=run.out,
+                          workers=args.workers or r.default_workers(n_models)) for r in requests]
+    from pyro_langevin.nlb.stitch import run_nlb_stitched  # heavy: after the checks
+
+    with requests[0].executor().connected():
+        metrics = run_nlb_stitched(requests)
+    for name, d in metrics["datasets"].items():
+        if d["eval"]:
+            print(f"{name}: co-bps {d['eval']['model']['co-bps']:.4f} (smoothing {d['eval']['smoothing']['co-bps']:.4f})")
     print(f"wrote {run.out / 'metrics.json'}, {metrics['submission']} and {metrics['submission_smoothing']}")
     print(json.dumps(metrics))
 
