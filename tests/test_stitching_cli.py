@@ -181,3 +181,21 @@ def test_the_stitching_example_runs_quick_and_scores_both_recipes_on_held_out_tr
     for recipe in ("stitched", "separate"):
         assert len(record[recipe]["rate_r2"]) == 3 and np.isfinite(record[recipe]["one_map_r2"])
     assert (tmp_path / "x" / "stitching.png").stat().st_size > 0
+
+
+def test_repeated_nwb_files_stitch_with_one_alignment_and_window_for_all(tmp_path, capsys):
+    from nwb_factory import write_recording_nwb
+
+    day1, day2 = tmp_path / "day1.nwb", tmp_path / "day2.nwb"
+    write_recording_nwb(day1, n_trials=12, n_units=6, n_mua=1, seed=1)
+    write_recording_nwb(day2, n_trials=10, n_units=5, n_mua=1, seed=2)
+    out = tmp_path / "run"
+    code, io = _run(["fit", "--nwb", str(day1), "--nwb", str(day2), "--align", "go_cue_time", "--window", "-100,300",
+                     "--bin-ms", "20", "--condition", "reach_dir", "--where", "quality == 'good'", "--cv", "0",
+                     "--out", str(out), "--no-progress", *SMALL], capsys)
+    assert code == 0, io.err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {k: (v["trials"], v["units"]) for k, v in metrics["sessions"].items()} == {"day1": (12, 5), "day2": (10, 4)}
+    with xr.open_dataset(out / "sessions" / "day2" / "posterior.nc", group="posterior") as post:
+        assert post["rates_mean"].shape == (10, 20, 4)
+        np.testing.assert_allclose(post["time"].values[[0, -1]], [-90.0, 290.0])
