@@ -5,7 +5,8 @@
 
 One Lorenz system (pyro_langevin.data.lorenz) is observed by 5 sessions, each through its own random
 20-45 units and with 10-60 trials; the sessions' trials start from one shared pool of initial
-conditions. Each session's trials are split in half: the first half trains (a fifth of it validates,
+conditions (``--conditions``, default 8, whose labels the PCR read-in may use: ``--readin-init pcr``;
+``--freeze-readin`` keeps the read-ins at their initial value). Each session's trials are split in half: the first half trains (a fifth of it validates,
 picking the checkpoint by its ELBO), the second half is held out. Two recipes see the same training
 trials: one stitched model of all sessions (:func:`~pyro_langevin.spec.build_stitched`: shared prior,
 decoder core and guide core; a read-in and read-out per session) and one model per session. Scored on
@@ -40,7 +41,7 @@ from pyro_langevin.metrics import rate_r2
 from pyro_langevin.options import ArgumentParser, add_run_arguments, add_spec_arguments, check_run_options, spec_overrides
 from pyro_langevin.posterior import posterior_means
 from pyro_langevin.spec import RunSpec, build, build_stitched
-from pyro_langevin.stitching import balance_sessions, embed_session, split_sessions, stitch_batches
+from pyro_langevin.stitching import balance_sessions, embed_session, pcr_layout, split_sessions, stitch_batches
 from pyro_langevin.training import fit
 
 
@@ -50,13 +51,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_spec_arguments(p, "pyro_langevin.spec.RunSpec")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
     p.add_argument("--sessions", type=int, default=5, help="number of sessions (default 5)")
+    p.add_argument("--conditions", type=int, default=8,
+                   help="initial conditions the sessions' trials are drawn from (shared; default 8)")
+    p.add_argument("--readin-init", choices=("random", "pcr"), default="random",
+                   help="the stitched read-ins' initialisation (pcr: from the training trials' condition averages)")
+    p.add_argument("--freeze-readin", action="store_true", help="keep the stitched read-ins at their initial value")
+    p.add_argument("--no-separate", action="store_true", help="fit only the stitched model")
     return p.parse_args(argv)
 
 
-def make_sessions(n_sessions: int, seed: int, n_bins: int) -> List[Dict[str, Any]]:
-    """Sessions of one Lorenz system: own random units (20-45), own trial counts (10-60), shared conditions."""
+def make_sessions(n_sessions: int, seed: int, n_bins: int, n_conditions: int = 8) -> List[Dict[str, Any]]:
+    """Sessions of one Lorenz system: own random units (20-45), own trial counts (10-60), trials drawn from
+    one shared pool of ``n_conditions`` initial conditions (their labels kept for the PCR read-in)."""
     rng = np.random.default_rng(seed)
-    pool = make_lorenz(n_conditions=40, trials_per_condition=1, n_bins=n_bins, n_neurons=3, valid_fraction=0.1, seed=seed)
+    pool = make_lorenz(n_conditions=n_conditions, trials_per_condition=1, n_bins=n_bins, n_neurons=3,
+                       valid_fraction=1 / n_conditions, seed=seed)
     states = np.concatenate([pool.train_latents, pool.valid_latents])  # (condition, time, 3), standardised
     trials = np.linspace(10, 60, n_sessions).round().astype(int)
     out = []
@@ -64,11 +73,12 @@ def make_sessions(n_sessions: int, seed: int, n_bins: int) -> List[Dict[str, Any
         n_units = int(rng.integers(20, 46))
         w = rng.normal(size=(3, n_units))
         w /= np.linalg.norm(w, axis=0, keepdims=True)
-        lat = states[rng.integers(0, len(states), trials[s])]
+        cond = rng.integers(0, len(states), trials[s])
+        lat = states[cond]
         rates = 0.5 * np.exp(lat @ w)
         counts = rng.poisson(rates).astype(float)
         half = trials[s] // 2
-        out.append({"name": f"s{s}", "n_trials": int(trials[s]), "n_units": n_units, "rates": rates, "latents": lat,
+        out.append({"name": f"s{s}", "n_trials": int(trials[s]), "n_units": n_units, "rates": rates, "latents": lat, "conditions": [f"c{c}" for c in cond],
                     "train": make_batch(counts[:half]), "test": make_batch(counts[half:], index=np.arange(half, trials[s])),
                     "test_rows": np.arange(half, trials[s])})
     return out
@@ -79,11 +89,14 @@ def _posterior(model, guide, batch, device) -> Dict[str, np.ndarray]:
     return {"rates": post["rates"].numpy(), "latents": np.concatenate([post["z"].numpy(), post["v"].numpy()], -1)}
 
 
-def fit_stitched(sessions, spec: RunSpec, device, progress: bool) -> List[Dict[str, np.ndarray]]:
+def fit_stitched(sessions, spec: RunSpec, device, progress: bool, readin_init: str = "random",
+                 train_readin: bool = True) -> List[Dict[str, np.ndarray]]:
     names = [s["name"] for s in sessions]
     batch, layout = stitch_batches([s["train"] for s in sessions], names, readin_dim=16,
-                                   n_trials=[s["n_trials"] for s in sessions])
+                                   n_trials=[s["n_trials"] for s in sessions], train_readin=train_readin)
     fit_part, valid = split_sessions(batch, layout, 0.2, spec.fit.seed)
+    if readin_init == "pcr":  # from the fitting trials only
+        layout = pcr_layout(layout, fit_part, {s["name"]: s["conditions"] for s in sessions})
     model, guide = build_stitched(spec, layout)
     fit(model, guide, balance_sessions(fit_part, layout), valid, spec.fit, device=device, progress=progress)
     out = []
@@ -130,17 +143,20 @@ def run(args: argparse.Namespace, session: Session) -> dict:
     results = []
     t0 = time.perf_counter()
     for seed in seeds:
-        sessions = make_sessions(args.sessions, seed, n_bins)
+        sessions = make_sessions(args.sessions, seed, n_bins, args.conditions)
         seeded = spec.override({"fit.seed": seed})
-        posts = {"stitched": fit_stitched(sessions, seeded, opts.device, not args.no_progress),
-                 "separate": fit_separate(sessions, seeded, opts.device, not args.no_progress)}
+        posts = {"stitched": fit_stitched(sessions, seeded, opts.device, not args.no_progress, args.readin_init,
+                                          not args.freeze_readin)}
+        if not args.no_separate:
+            posts["separate"] = fit_separate(sessions, seeded, opts.device, not args.no_progress)
         record = {"seed": seed, "sessions": [{"name": s["name"], "trials": s["n_trials"], "units": s["n_units"]}
                                              for s in sessions]}
         for recipe, ps in posts.items():
             record[recipe] = {"rate_r2": [rate_r2(s["rates"][s["test_rows"]], p["rates"]) for s, p in zip(sessions, ps)],
                               **latent_maps(sessions, ps)}
         results.append(record)
-    metrics = {"quick": args.quick, "epochs": epochs, "seeds": seeds, "n_bins": n_bins, "results": results,
+    metrics = {"quick": args.quick, "epochs": epochs, "seeds": seeds, "n_bins": n_bins, "conditions": args.conditions,
+               "readin": {"init": args.readin_init, "trained": not args.freeze_readin}, "results": results,
                "seconds": round(time.perf_counter() - t0, 1), "device": str(opts.device), "spec": spec.to_dict()}
     (opts.out / "stitching.json").write_text(json.dumps(metrics, indent=2))
     plot(metrics, opts.out / "stitching.png")
@@ -157,7 +173,7 @@ def plot(metrics: dict, path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for k, (recipe, colour) in enumerate((("stitched", "C0"), ("separate", "C1"))):
-        for j, r in enumerate(metrics["results"]):
+        for j, r in enumerate(r for r in metrics["results"] if recipe in r):
             a.plot([s["trials"] for s in r["sessions"]], r[recipe]["rate_r2"], "o-", color=colour, alpha=0.7,
                    label=recipe if j == 0 else None)
             b.scatter([k - 0.1], [r[recipe]["one_map_r2"]], color=colour, marker="s", label="one map" if j == k == 0 else None)
