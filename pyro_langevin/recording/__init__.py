@@ -12,7 +12,10 @@ One file per job (docs/recording.md):
   figures and ``metrics.json`` (:func:`~pyro_langevin.recording.run.fit_recording`);
 * :mod:`~pyro_langevin.recording.summary`: posterior summaries per trial and per condition (numbers);
 * :mod:`~pyro_langevin.recording.figures`: rasters, PSTHs, latent paths, the CV folds (pictures);
-* :mod:`~pyro_langevin.recording.cli`: the ``pyro-langevin fit`` command.
+* :mod:`~pyro_langevin.recording.cli`: the ``pyro-langevin fit`` command;
+* :mod:`~pyro_langevin.recording.stitch`: several recordings (sessions with different units) stitched into
+  one model, and a session added to a saved run (:mod:`~pyro_langevin.recording.stitch_cli`: the command
+  with several files or ``--from``; docs/stitching.md).
 
 Import from the submodules; this package imports nothing itself.
 """

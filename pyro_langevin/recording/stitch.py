@@ -466,7 +466,9 @@ def add_session(run: PathLike, recording: Recording, out: PathLike, *, name: Opt
     model, guide = build_stitched(cfg, grown)
     for new, old in ((model, loaded.model), (guide, loaded.guide)):
         missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
-        assert not unexpected and all(f".{name}." in k for k in missing), (missing, unexpected)
+        if unexpected or not all(f".{name}." in k for k in missing):  # the run's parameters must all carry over
+            raise RuntimeError(f"{run}: its parameters do not fit the grown model (missing {missing}, unexpected "
+                               f"{unexpected})")
     trainable = freeze_shared(model, guide, [name])
     batch = embed_session(recording.batch(), grown, name)
     fit_trials, valid = split_sessions(batch, grown, cfg.eval.valid_frac, seed)
