@@ -145,12 +145,16 @@ def run(args: argparse.Namespace, session: Session) -> dict:
     for seed in seeds:
         sessions = make_sessions(args.sessions, seed, n_bins, args.conditions)
         seeded = spec.override({"fit.seed": seed})
+        t_fit = time.perf_counter()
         posts = {"stitched": fit_stitched(sessions, seeded, opts.device, not args.no_progress, args.readin_init,
                                           not args.freeze_readin)}
+        seconds = {"stitched": round(time.perf_counter() - t_fit, 1)}
         if not args.no_separate:
+            t_fit = time.perf_counter()
             posts["separate"] = fit_separate(sessions, seeded, opts.device, not args.no_progress)
+            seconds["separate"] = round(time.perf_counter() - t_fit, 1)
         record = {"seed": seed, "sessions": [{"name": s["name"], "trials": s["n_trials"], "units": s["n_units"]}
-                                             for s in sessions]}
+                                             for s in sessions], "seconds": seconds}
         for recipe, ps in posts.items():
             record[recipe] = {"rate_r2": [rate_r2(s["rates"][s["test_rows"]], p["rates"]) for s, p in zip(sessions, ps)],
                               **latent_maps(sessions, ps)}

@@ -69,7 +69,7 @@ def test_cli_round_trip_with_two_array_files_then_a_new_session(tmp_path, capsys
     for name in "AB":
         s = metrics["sessions"][name]["cv"]
         assert s["model"]["co-bps"]["n"] == 2 and np.isfinite(s["smoothing"]["co-bps"]["mean"])
-    assert metrics["stitch"]["readin_init_used"] == "pcr"
+    assert metrics["stitch"]["readin_init_used"] == "pcr" and metrics["stitch"]["readin_trained"] is False  # the default
     assert (out / "shared_latents.png").stat().st_size > 0 and (out / "spec.json").is_file()
     assert (out / "checkpoints" / "best.pt").is_file()
 
@@ -199,3 +199,17 @@ def test_repeated_nwb_files_stitch_with_one_alignment_and_window_for_all(tmp_pat
     with xr.open_dataset(out / "sessions" / "day2" / "posterior.nc", group="posterior") as post:
         assert post["rates_mean"].shape == (10, 20, 4)
         np.testing.assert_allclose(post["time"].values[[0, -1]], [-90.0, 290.0])
+
+
+def test_whether_the_read_in_trains_is_an_explicit_option():
+    import argparse
+
+    from pyro_langevin.recording.cli import add_fit_arguments
+
+    p = add_fit_arguments(argparse.ArgumentParser())
+    base = ["--arrays", "A.npz", "--arrays", "B.npz"]
+    assert p.parse_args(base).train_readin is None  # default: fixed after PCR, trained after a random start
+    assert p.parse_args(base + ["--train-readin"]).train_readin is True
+    assert p.parse_args(base + ["--freeze-readin"]).train_readin is False
+    with pytest.raises(SystemExit):
+        p.parse_args(base + ["--train-readin", "--freeze-readin"])

@@ -105,8 +105,11 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s.add_argument("--readin-init", choices=("auto", "pcr", "random"), default="auto",
                    help="read-in initialisation: PCR alignment of the condition averages (needs --condition), "
                         "random, or auto (PCR when every session has conditions)")
-    s.add_argument("--freeze-readin", action="store_true",
-                   help="keep the read-ins at their initial value (default: they train)")
+    trains = s.add_mutually_exclusive_group()
+    trains.add_argument("--freeze-readin", dest="train_readin", action="store_false", default=None,
+                        help="keep the read-ins at their initial value (default after PCR)")
+    trains.add_argument("--train-readin", dest="train_readin", action="store_true", default=None,
+                        help="train the read-ins after their initialisation (default after a random start)")
     g = p.add_argument_group("what to read")
     g.add_argument("--bin-ms", type=_positive_float, default=20.0, help="bin width in ms (default 20)")
     g.add_argument("--align", default="start_time", metavar="EVENT",

@@ -64,14 +64,16 @@ class StitchOptions:
     ``readin_init``: ``"pcr"`` (principal-components regression of the sessions' smoothed,
     condition-averaged training trials; needs shared condition labels), ``"random"``, or ``"auto"``
     (PCR when every session has conditions). ``train_readin``: the read-ins keep training after
-    their initialisation (True) or stay fixed (False). ``readin_dim`` 0: the smallest session's
-    unit count, at most 32. ``pcr_smooth_bins``, ``pcr_alpha``: the PCR's Gaussian smoothing (bins)
-    and ridge penalty.
+    their initialisation (True), stay fixed (False), or None (default): fixed after PCR, trained after
+    a random start (docs/stitching.md: on the synthetic sessions of ``examples/stitching.py`` a fixed
+    PCR read-in scored above a trained one in each of 3 seeds, and a fixed random one lowest).
+    ``readin_dim`` 0: the smallest session's unit count, at most 32. ``pcr_smooth_bins``,
+    ``pcr_alpha``: the PCR's Gaussian smoothing (bins) and ridge penalty.
     """
 
     readin_dim: int = 0
     readin_init: str = "auto"
-    train_readin: bool = True
+    train_readin: Optional[bool] = None
     pcr_smooth_bins: float = 2.0
     pcr_alpha: float = 1.0
 
@@ -80,6 +82,10 @@ class StitchOptions:
             raise SpecError(f"readin init must be 'auto', 'pcr' or 'random', got {self.readin_init!r}")
         if self.readin_dim < 0:
             raise SpecError(f"readin dim must be >= 0, got {self.readin_dim}")
+
+    def trains(self, recordings: Sequence[Recording]) -> bool:
+        """Whether the read-ins train: ``train_readin``, or (None) unless they start from PCR."""
+        return self.train_readin if self.train_readin is not None else self.init(recordings) != "pcr"
 
     def dim(self, recordings: Sequence[Recording]) -> int:
         return self.readin_dim or min(32, min(r.n_units for r in recordings))
@@ -205,7 +211,7 @@ def cross_validate_sessions(recordings: Sequence[Recording], names: Sequence[str
     folds, layouts = [], []
     for f in range(k):
         batch, layout = stitch_batches([r.batch(heldout[s][f]) for s, r in enumerate(recordings)], names,
-                                       opts.dim(recordings), opts.train_readin)
+                                       opts.dim(recordings), opts.trains(recordings))
         scored = np.concatenate([layout.trial_offset(s) + parts[s][f] for s in range(len(recordings))])
         rest = torch.as_tensor(np.setdiff1d(np.arange(batch.n_trials), scored))
         layout = _layout(layout, batch[rest], recordings, names, opts)  # the fold's training trials only
@@ -269,7 +275,7 @@ def fit_sessions_final(recordings: Sequence[Recording], names: Sequence[str], cf
     session's own trials (their ELBO picks the checkpoint), epochs balanced over sessions; written to
     ``out/checkpoints``. Returns ``(load_run(out), record)``."""
     final = _final_cfg(cfg, seed)
-    batch, layout = stitch_batches([r.batch() for r in recordings], names, opts.dim(recordings), opts.train_readin)
+    batch, layout = stitch_batches([r.batch() for r in recordings], names, opts.dim(recordings), opts.trains(recordings))
     fit_trials, valid = split_sessions(batch, layout, cfg.eval.valid_frac, seed)
     layout = _layout(layout, fit_trials, recordings, names, opts)
     model, guide = build_stitched(final, layout)
@@ -392,7 +398,7 @@ def fit_recordings(recordings: Sequence[Recording], out: PathLike, *, names: Opt
         "data": {"bins": recordings[0].n_bins, "bin_ms": recordings[0].bin_ms, "align": recordings[0].align,
                  "time_ms": [float(recordings[0].time_ms[0]), float(recordings[0].time_ms[-1])]},
         "stitch": {**dataclasses.asdict(opts), "readin_dim": model.layout.readin_dim,
-                   "readin_init_used": opts.init(recordings)},
+                   "readin_init_used": opts.init(recordings), "readin_trained": model.layout.train_readin},
         "defaults": {"overrides": dict(overrides or {}), "epochs": epochs, "quick": quick},
         "cv": cv, "fit": final,
         "outputs": {"spec": str(out / "spec.json"), "checkpoints": str(out / "checkpoints"), "posterior": str(nc),

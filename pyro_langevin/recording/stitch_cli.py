@@ -87,7 +87,7 @@ def fit_sessions(args: argparse.Namespace, session: Session, files: Sequence[Pat
         if args.cv is not None:
             changes["cv.folds"] = args.cv
         cfg = stitched_config(recordings, changes, args.quick, args.epochs)
-        opts = StitchOptions(readin_dim=args.readin_dim, readin_init=args.readin_init, train_readin=not args.freeze_readin)
+        opts = StitchOptions(readin_dim=args.readin_dim, readin_init=args.readin_init, train_readin=args.train_readin)
     except SpecError as exc:
         raise OptionError(one_line(exc)) from None
     if opts.init(recordings) == "pcr":
@@ -111,7 +111,7 @@ def format_stitched_summary(metrics: Mapping[str, Any]) -> str:
     """The one-screen summary of a stitched fit: each session's size and cross-validated score."""
     d, st = metrics["data"], metrics["stitch"]
     lines = [f"== {len(metrics['sessions'])} sessions stitched: {d['bins']} bins of {d['bin_ms']:g} ms; read-in "
-             f"{st['readin_dim']} wide, {st['readin_init_used']} init, {'trained' if st['train_readin'] else 'fixed'}"]
+             f"{st['readin_dim']} wide, {st['readin_init_used']} init, {'trained' if st['readin_trained'] else 'fixed'}"]
     for name, s in metrics["sessions"].items():
         line = f"  {name:<16} {s['trials']} trials x {s['units']} units"
         cv = s.get("cv")
