@@ -30,7 +30,6 @@ import time
 from typing import Any, Dict, List
 
 import numpy as np
-import torch
 
 from pyro_langevin.batch import make_batch
 from pyro_langevin.console import Session, run_command

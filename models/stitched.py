@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pyro_langevin.batch import Batch
-from pyro_langevin.decoder import TransformerDecoder, bound_log_rates
+from pyro_langevin.decoder import TransformerDecoder
 from pyro_langevin.models.langevin_flow import LangevinFlow
 from pyro_langevin.sessions import SessionLayout
 

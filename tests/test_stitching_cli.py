@@ -145,7 +145,7 @@ def test_every_bad_stitching_input_is_one_error_line_naming_the_file_exit_2_noth
 def test_add_session_keeps_every_shared_and_old_session_parameter_bit_identical(stitched_run, tmp_path):
     import torch
 
-    from pyro_langevin.recording.stitch import add_session
+    from pyro_langevin.recording.new_session import add_session
     from pyro_langevin.spec import load_run
 
     root = stitched_run

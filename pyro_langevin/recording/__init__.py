@@ -14,8 +14,8 @@ One file per job (docs/recording.md):
 * :mod:`~pyro_langevin.recording.figures`: rasters, PSTHs, latent paths, the CV folds (pictures);
 * :mod:`~pyro_langevin.recording.cli`: the ``pyro-langevin fit`` command;
 * :mod:`~pyro_langevin.recording.stitch`: several recordings (sessions with different units) stitched into
-  one model, and a session added to a saved run (:mod:`~pyro_langevin.recording.stitch_cli`: the command
-  with several files or ``--from``; docs/stitching.md).
+  one model; :mod:`~pyro_langevin.recording.new_session`: a session added to a saved run;
+  :mod:`~pyro_langevin.recording.stitch_cli`: the command with several files or ``--from`` (docs/stitching.md).
 
 Import from the submodules; this package imports nothing itself.
 """

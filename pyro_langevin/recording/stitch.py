@@ -13,9 +13,7 @@ side, NaN where a trial's session lacks a unit), figures and ``metrics.json``; a
 the shared space) with its figures, and ``shared_latents.png``: every session's condition-averaged
 latents on one plane.
 
-:func:`add_session` adds a recording to a saved stitched run: only the new session's read-in and
-read-out train (``requires_grad`` off for every other parameter,
-:func:`~pyro_langevin.stitching.freeze_shared`), into a new folder; the old run is never changed.
+:func:`~pyro_langevin.recording.new_session.add_session` adds a recording to a saved stitched run.
 """
 
 from __future__ import annotations
@@ -44,15 +42,15 @@ from pyro_langevin.recording.figures import plot_cv, plot_shared_latents, save_f
 from pyro_langevin.recording.run import PROB, check_resumable
 from pyro_langevin.recording.summary import shared_latent_plane, summarize_posterior, to_inference_data
 from pyro_langevin.scoring import score_local
-from pyro_langevin.sessions import Session, SessionError, SessionLayout, check_session_name
+from pyro_langevin.sessions import SessionError, SessionLayout, check_session_name
 from pyro_langevin.spec import SpecError, build_stitched, check_buildable, load_run, run_meta
-from pyro_langevin.stitching import (balance_sessions, embed_session, freeze_shared, pcr_layout, session_rows,
-                                     session_view, split_sessions, stitch_batches)
+from pyro_langevin.stitching import (balance_sessions, embed_session, pcr_layout, session_rows, session_view,
+                                     split_sessions, stitch_batches)
 from pyro_langevin.training import fit
 
 __all__ = ["StitchOptions", "session_names", "check_sessions", "check_same_grid", "check_shared_conditions",
-           "stitched_config", "cross_validate_sessions", "fit_sessions_final", "fit_recordings", "stitched_run",
-           "check_new_session", "add_session"]
+           "stitched_config", "cross_validate_sessions", "fit_sessions_final", "fit_record", "session_outputs",
+           "write_metrics", "fit_recordings"]
 
 PathLike = Union[str, Path]
 
@@ -261,7 +259,7 @@ def _final_cfg(cfg: RecordingConfig, seed: int) -> RecordingConfig:
     return dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, seed=seed, select_on="val_loss", select_mode="min"))
 
 
-def _fit_record(result: Any, best: Mapping[str, Any], seconds: float, n_fit: int) -> Dict[str, Any]:
+def fit_record(result: Any, best: Mapping[str, Any], seconds: float, n_fit: int) -> Dict[str, Any]:
     return {"best_epoch": int(best["best_epoch"]), "best_val_loss": float(best["best_metric"]),
             "epochs_run": len(result.history), "stopped_early": bool(result.stopped_early),
             "fit_seconds": round(seconds, 1), "n_fit_trials": n_fit}
@@ -291,13 +289,13 @@ def fit_sessions_final(recordings: Sequence[Recording], names: Sequence[str], cf
                  meta=run_meta(final, layout.n_neurons, layout.n_heldin, **dict(meta or {}), role="fit",
                                sessions=layout.to_dict()))
     loaded = load_run(out, "best", map_location=device)
-    record = _fit_record(result, loaded.checkpoint, time.perf_counter() - t0, fit_trials.n_trials)
+    record = fit_record(result, loaded.checkpoint, time.perf_counter() - t0, fit_trials.n_trials)
     record["valid_trials"] = {n: [recordings[s].trial_ids[i].item() for i in session_view(valid, layout, n).index.tolist()]
                               for s, n in enumerate(names)}
     return loaded, record
 
 
-def _session_outputs(model: Any, guide: Any, layout: SessionLayout, recordings: Sequence[Recording],
+def session_outputs(model: Any, guide: Any, layout: SessionLayout, recordings: Sequence[Recording],
                      names: Sequence[str], cfg: RecordingConfig, out: Path, seed: int, device: Any,
                      log: Callable[[str], None] = print):
     """Per session: ``sessions/<name>/posterior.nc`` and figures; returns summaries, datasets and paths."""
@@ -346,7 +344,7 @@ def _save(fig: Any, path: Path) -> str:
     return str(path)
 
 
-def _write_metrics(out: Path, metrics: Dict[str, Any]) -> None:
+def write_metrics(out: Path, metrics: Dict[str, Any]) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True, default=str))
 
 
@@ -384,7 +382,7 @@ def fit_recordings(recordings: Sequence[Recording], out: PathLike, *, names: Opt
     cv_seconds = time.perf_counter() - t_cv
     (model, guide, _, _), final = fit_sessions_final(recordings, names, cfg, opts, out, seed, dev, resume=resume,
                                                      progress=progress, meta=meta, log=log)
-    summaries, idatas, session_paths = _session_outputs(model, guide, model.layout, recordings, names, cfg, out, seed,
+    summaries, idatas, session_paths = session_outputs(model, guide, model.layout, recordings, names, cfg, out, seed,
                                                         dev, log)
     nc = save_netcdf(_pooled_posterior(idatas), out / "posterior.nc")
     figures = {"shared_latents": _save(plot_shared_latents(shared_latent_plane(summaries)), out / "shared_latents.png")}
@@ -406,100 +404,5 @@ def fit_recordings(recordings: Sequence[Recording], out: PathLike, *, names: Opt
         "seconds": {"cv": round(cv_seconds, 1), "total": round(time.perf_counter() - t_start, 1)},
         "seed": seed, "device": str(dev), "workers": workers, "host": platform.node(), "spec": cfg.to_dict(),
     }
-    _write_metrics(out, metrics)
-    return metrics
-
-
-# ----- a new session ----------------------------------------------------------------------------
-def stitched_run(run: PathLike) -> Any:
-    """The saved stitched run in ``run`` (``load_run`` of its best checkpoint), or a one-line error."""
-    run = Path(run)
-    try:
-        loaded = load_run(run, "best")
-    except (FileNotFoundError, SpecError, ValueError) as exc:
-        raise RecordingError(f"--from {run}: not a saved run ({str(exc).splitlines()[0]})") from None
-    if "sessions" not in (loaded.checkpoint.get("meta") or {}):
-        raise RecordingError(f"--from {run}: a one-session run, not a stitched one: sessions can be added only to a "
-                             "run fitted with several --arrays/--nwb files")
-    return loaded
-
-
-def check_new_session(run: PathLike, recording: Recording, name: Optional[str] = None):
-    """``(loaded run, grown layout, name)`` once ``recording`` can join the stitched run ``run``: the run
-    is a stitched one, the name is new, the bins are the run's, there are trials to fit and validate.
-
-    Raises
-    ------
-    RecordingError
-        One line naming the run or the file.
-    """
-    loaded = stitched_run(run)
-    meta = loaded.checkpoint["meta"]
-    layout = SessionLayout.from_dict(meta["sessions"])
-    name = name or Path(recording.source).stem
-    try:
-        check_session_name(name)
-        grown = layout.with_session(Session(name, recording.n_units, 0, recording.n_trials))
-    except SessionError as exc:
-        raise RecordingError(f"{recording.source}: {exc}") from None
-    if meta.get("grid"):
-        check_same_grid(recording, meta["grid"], f"the run {run}")
-    if recording.n_trials < 2:
-        raise RecordingError(f"{recording.source}: {recording.n_trials} trial; the new session needs at least 2 "
-                             "(one validates)")
-    return loaded, grown, name
-
-
-def add_session(run: PathLike, recording: Recording, out: PathLike, *, name: Optional[str] = None,
-                epochs: Optional[int] = None, seed: int = 0, device: Any = None, progress: bool = True,
-                log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Add ``recording`` as a new session to the stitched run ``run``; write the grown run to ``out``.
-
-    Only the new session's read-in and read-out train: every other parameter has ``requires_grad``
-    off (:func:`~pyro_langevin.stitching.freeze_shared`), so Adam never steps it and the shared
-    parameters (and the other sessions') stay bit-identical. The new read-in starts random, its
-    read-out bias at the log mean counts. ``out`` gets ``spec.json``, ``checkpoints/`` (the grown
-    run: every session, loadable with ``load_run``), ``sessions/<name>/posterior.nc`` and figures,
-    and ``metrics.json``. ``run`` is only read.
-    """
-    t_start = time.perf_counter()
-    out, dev = Path(out), check_device(device)
-    loaded, grown, name = check_new_session(run, recording, name)
-    meta = loaded.checkpoint["meta"]
-    cfg = loaded.spec
-    fit_cfg = dataclasses.replace(cfg.fit, seed=seed, **({"epochs": int(epochs)} if epochs else {}))
-    cfg = dataclasses.replace(cfg, fit=fit_cfg)
-    model, guide = build_stitched(cfg, grown)
-    for new, old in ((model, loaded.model), (guide, loaded.guide)):
-        missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
-        if unexpected or not all(f".{name}." in k for k in missing):  # the run's parameters must all carry over
-            raise RuntimeError(f"{run}: its parameters do not fit the grown model (missing {missing}, unexpected "
-                               f"{unexpected})")
-    trainable = freeze_shared(model, guide, [name])
-    batch = embed_session(recording.batch(), grown, name)
-    fit_trials, valid = split_sessions(batch, grown, cfg.eval.valid_frac, seed)
-    with torch.no_grad():  # the new read-out's bias: log mean counts of its training trials
-        mean = (fit_trials.target * fit_trials.mask).sum((0, 1)) / fit_trials.mask.sum((0, 1)).clamp_min(1)
-        cols = torch.as_tensor(grown.columns(grown.position(name)))
-        model.decoder.readout.sessions[name].bias.copy_(torch.log(mean[cols].clamp_min(1e-3)))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    log(f"adding session {name} ({recording.source}: {recording.n_trials} trials x {recording.n_units} units) to "
-        f"{run}: training only {', '.join(trainable)}; {fit_trials.n_trials} fit, {valid.n_trials} validation trials")
-    t0 = time.perf_counter()
-    result = fit(model, guide, fit_trials, valid, cfg.fit, device=dev, checkpoint_dir=out / "checkpoints",
-                 progress=progress, init_rates=False,
-                 meta=run_meta(cfg, grown.n_neurons, grown.n_heldin, **{k: v for k, v in meta.items() if k not in
-                               ("spec", "spec_class", "spec_module", "n_neurons", "n_heldin", "sessions")},
-                               sessions=grown.to_dict(), added_session=name, added_to=str(run)))
-    new_run = load_run(out, "best", map_location=dev)
-    record = _fit_record(result, new_run.checkpoint, time.perf_counter() - t0, fit_trials.n_trials)
-    _, _, paths = _session_outputs(new_run.model, new_run.guide, grown, [recording], [name], cfg, out, seed, dev, log)
-    metrics = {"added_session": name, "from": str(run), "sessions": {name: {"source": recording.source,
-               "trials": recording.n_trials, "units": recording.n_units, **paths[name]}},
-               "trained": trainable, "fit": record, "seconds": {"total": round(time.perf_counter() - t_start, 1)},
-               "seed": seed, "device": str(dev), "spec": cfg.to_dict(),
-               "outputs": {"spec": str(out / "spec.json"), "checkpoints": str(out / "checkpoints"),
-                           "metrics": str(out / "metrics.json")}}
-    _write_metrics(out, metrics)
+    write_metrics(out, metrics)
     return metrics

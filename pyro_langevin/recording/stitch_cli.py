@@ -23,8 +23,9 @@ from pyro_langevin.options import (OptionError, check_out, check_run_options, de
                                    spec_overrides)
 from pyro_langevin.recording.config import RecordingConfig
 from pyro_langevin.recording.data import Recording
-from pyro_langevin.recording.stitch import (StitchOptions, add_session, check_new_session, check_sessions,
-                                            check_shared_conditions, fit_recordings, stitched_config)
+from pyro_langevin.recording.new_session import add_session, check_new_session
+from pyro_langevin.recording.stitch import (StitchOptions, check_sessions, check_shared_conditions, fit_recordings,
+                                            stitched_config)
 from pyro_langevin.spec import SpecError
 
 __all__ = ["fit_sessions", "format_stitched_summary"]
