@@ -146,7 +146,7 @@ def train_folds(
         scored, rest = fold.split(fold.data)
         fit_scored, fit_rest = fold.split(fold.fit_data)
         fold_specs = fold_members(fit_rest, [fit_scored, *fold.heldin_only], cfg.eval.n_models, cfg.eval.valid_frac,
-                                  seed + 1000 * (f + 1), out / f"fold{f}")
+                                  seed + 1000 * (f + 1), out / f"fold{f}", getattr(fold.fit_data, "sessions", None))
         for spec in fold_specs:
             spec.index = len(specs)
             if fold.fit_data is not shared:  # the fold's own neurons: its members export its trials

@@ -45,7 +45,7 @@ from pyro_langevin.executor import Executor, Placement
 from pyro_langevin.posterior import posterior_rates
 from pyro_langevin.scoring import Rates, score_local
 from pyro_langevin.sessions import SessionLayout
-from pyro_langevin.stitching import balance_sessions
+from pyro_langevin.stitching import balance_sessions, split_sessions
 from pyro_langevin.spec import FitConfig, RunSpec, SpecError, build, load_run, register_spec_class, run_meta
 from pyro_langevin.training import fit
 
@@ -212,17 +212,20 @@ def same_trials(batch: Batch, like: Batch) -> Batch:
 
 
 def fold_members(train: Batch, heldin_only: Sequence[Batch], n_models: int, valid_frac: float, seed: int,
-                 out: Path) -> List[MemberSpec]:
+                 out: Path, sessions: Optional[Dict[str, Any]] = None) -> List[MemberSpec]:
     """Member specs of a run over the training trials ``train``: one member on a random ``valid_frac``
     split, or a K-fold ensemble (member ``i`` validates on fold ``i`` of ``train``, fits the rest).
 
     ``heldin_only`` trials (the evaluation trials, a cross-validation fold's scored trials) enter
     every member's training through their held-in observed spikes only. With ``n_models == 1`` the
     checkpoints go to ``out/checkpoints`` (the single-model layout); with more, member ``i`` writes
-    ``out/member{i}/checkpoints``.
+    ``out/member{i}/checkpoints``. With ``sessions`` (a stitched run's layout as a dict) one model's
+    validation trials are carved from each session's own trials
+    (:func:`~pyro_langevin.stitching.split_sessions`).
     """
     if n_models == 1:
-        fit_trials, valid = split_train_valid(train, valid_frac, seed)
+        fit_trials, valid = (split_train_valid(train, valid_frac, seed) if sessions is None else
+                             split_sessions(train, SessionLayout.from_dict(sessions), valid_frac, seed))
         return [MemberSpec(0, fit_trials, valid, list(heldin_only), seed, out / "checkpoints")]
     specs = []
     for i, part in enumerate(kfold_indices(train.n_trials, n_models, seed)):

@@ -73,7 +73,7 @@ def run_nlb_stitched(requests: Sequence[NLBRequest], *, readin_dim: int = 32,
     data = TrialSet(train, evaluation, sessions=layout.to_dict())
     cfg = first.cfg
     specs = fold_members(train, [evaluation], cfg.eval.n_models, cfg.eval.valid_frac, lead.seed,
-                         lead.checkpoint_root.resolve())
+                         lead.checkpoint_root.resolve(), data.sessions)
     sizes = ", ".join(f"{n}: {d.n_train}+{d.n_eval} trials, {d.n_heldin}+{d.n_heldout} neurons" for n, d in zip(names, fits))
     log(f"stitching {len(names)} datasets ({sizes}); {cfg.eval.n_models} model(s); read-in {layout.readin_dim} "
         "wide, random init, trained")
