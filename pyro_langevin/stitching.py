@@ -8,12 +8,14 @@
 * :func:`pcr_layout`: the read-ins' PCR initialisation from the sessions' training trials
   (:mod:`pyro_langevin.pcr`);
 * :func:`freeze_shared`: ``requires_grad`` off for everything but chosen sessions' read-in and
-  read-out (a new session fitted against a frozen stitched model); :func:`shared_parameters`.
+  read-out (a new session fitted against a frozen stitched model); :func:`shared_parameters`;
+* :func:`grow`: a fitted stitched model and guide with one session more, every saved parameter
+  copied, all but the new session's frozen, its read-out bias at its log mean counts.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,11 +24,12 @@ from pyro_langevin.batch import Batch
 from pyro_langevin.data.splits import split_train_valid
 from pyro_langevin.inputs import encoder_features
 from pyro_langevin.pcr import condition_averages, pcr_readins
-from pyro_langevin.sessions import SessionError, SessionLayout
+from pyro_langevin.sessions import Session, SessionError, SessionLayout
+from pyro_langevin.spec import build_stitched
 
 __all__ = ["stitch_batches", "embed_session", "session_view", "session_rows", "concat_trials", "balance_sessions",
            "split_sessions", "pcr_layout",
-           "freeze_shared", "shared_parameters", "session_parameter_names"]
+           "freeze_shared", "shared_parameters", "session_parameter_names", "grow"]
 
 
 def _check_bins(batches: Sequence[Batch], names: Sequence[str]) -> None:
@@ -201,3 +204,27 @@ def session_view(batch: Batch, layout: SessionLayout, name: str, rates: Optional
     if rates is None:
         return view
     return view, np.asarray(rates)[rows.numpy()][:, :, layout.columns(i)]
+
+
+def grow(spec: Any, model: torch.nn.Module, guide: torch.nn.Module, session: Session, train: Batch):
+    """``(model, guide, trainable)``: ``model`` and ``guide`` (a fitted stitched pair) grown by ``session``.
+
+    The grown pair (:func:`~pyro_langevin.spec.build_stitched` of ``spec`` over the layout with
+    ``session`` appended) holds every parameter of the given pair, and only the new session's read-in and
+    read-out train (:func:`freeze_shared`; ``trainable`` names them). The new read-out's bias is the log
+    mean count of ``train`` (the new session's training trials, in the grown layout); fit the pair with
+    ``fit(..., init_rates=False)`` so no other session's bias is touched.
+    """
+    layout = model.layout.with_session(session)
+    grown_model, grown_guide = build_stitched(spec, layout)
+    for new, old in ((grown_model, model), (grown_guide, guide)):
+        missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
+        if unexpected or not all(f".{session.name}." in k for k in missing):
+            raise SessionError(f"the saved parameters do not fit the grown model (missing {missing}, unexpected "
+                               f"{unexpected})")
+    trainable = freeze_shared(grown_model, grown_guide, [session.name])
+    with torch.no_grad():
+        mean = (train.target * train.mask).sum((0, 1)) / train.mask.sum((0, 1)).clamp_min(1)
+        cols = torch.as_tensor(layout.columns(layout.position(session.name)))
+        grown_model.decoder.readout.sessions[session.name].bias.copy_(torch.log(mean[cols].clamp_min(1e-3)))
+    return grown_model, grown_guide, trainable

@@ -20,7 +20,7 @@ from pyro_langevin.pcr import pcr_readins
 from pyro_langevin.posterior import posterior_rates
 from pyro_langevin.sessions import Session, SessionError, SessionLayout
 from pyro_langevin.spec import RunSpec, build, build_stitched, load_run, run_meta
-from pyro_langevin.stitching import (balance_sessions, embed_session, freeze_shared, session_rows, shared_parameters,
+from pyro_langevin.stitching import (balance_sessions, embed_session, grow, session_rows, shared_parameters,
                                      split_sessions, stitch_batches)
 from pyro_langevin.training import fit
 
@@ -82,13 +82,11 @@ def test_fitting_a_new_session_leaves_the_shared_parameters_bit_identical():
     fit(model, guide, batch, None, spec.fit, progress=False)
     new = make_batch(torch.poisson(torch.full((6, 10, 3), 1.0)))
     grown = layout.with_session(Session("C", 3, 0, 6))
-    model2, guide2 = build_stitched(spec, grown)
-    model2.load_state_dict(model.state_dict(), strict=False)
-    guide2.load_state_dict(guide.state_dict(), strict=False)
-    trainable = freeze_shared(model2, guide2, ["C"])
+    model2, guide2, trainable = grow(spec, model, guide, Session("C", 3, 0, 6), embed_session(new, grown, "C"))
     assert set(trainable) == {"model.decoder.readout.sessions.C.weight", "model.decoder.readout.sessions.C.bias",
                               "guide.readin.C.weight", "guide.readin.C.bias"}
     frozen = shared_parameters(model2, guide2, ["C"])
+    assert all(torch.equal(frozen[f"model.{k}"], p) for k, p in model.named_parameters())  # carried over
     c_before = model2.decoder.readout.sessions["C"].weight.detach().clone()
     fit(model2, guide2, embed_session(new, grown, "C"), None, spec.fit.__class__(**{**vars(spec.fit), "weight_decay": 1e-2}),
         progress=False, init_rates=False)

@@ -3,7 +3,7 @@
 :func:`add_session` (``pyro-langevin fit --from RUN --arrays NEW.npz --out RUN_NEW``) loads the stitched
 run, grows its :class:`~pyro_langevin.sessions.SessionLayout` by the new session, copies every saved
 parameter, turns ``requires_grad`` off for all but the new session's read-in and read-out
-(:func:`~pyro_langevin.stitching.freeze_shared`) and fits those on the new session's trials, into a new
+(:func:`~pyro_langevin.stitching.grow`) and fits those on the new session's trials, into a new
 folder; the old run is only read. :func:`check_new_session` is every check, done before anything is
 written.
 """
@@ -16,14 +16,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
 
-import torch
-
 from pyro_langevin.devices import check_device
 from pyro_langevin.recording.data import Recording, RecordingError
 from pyro_langevin.recording.stitch import check_same_grid, fit_record, session_outputs, write_metrics
 from pyro_langevin.sessions import Session, SessionError, SessionLayout, check_session_name
-from pyro_langevin.spec import SpecError, build_stitched, load_run, run_meta
-from pyro_langevin.stitching import embed_session, freeze_shared, split_sessions
+from pyro_langevin.spec import SpecError, load_run, run_meta
+from pyro_langevin.stitching import embed_session, grow, split_sessions
 from pyro_langevin.training import fit
 
 __all__ = ["stitched_run", "check_new_session", "add_session"]
@@ -89,19 +87,12 @@ def add_session(run: PathLike, recording: Recording, out: PathLike, *, name: Opt
     cfg = loaded.spec
     fit_cfg = dataclasses.replace(cfg.fit, seed=seed, **({"epochs": int(epochs)} if epochs else {}))
     cfg = dataclasses.replace(cfg, fit=fit_cfg)
-    model, guide = build_stitched(cfg, grown)
-    for new, old in ((model, loaded.model), (guide, loaded.guide)):
-        missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
-        if unexpected or not all(f".{name}." in k for k in missing):  # the run's parameters must all carry over
-            raise RuntimeError(f"{run}: its parameters do not fit the grown model (missing {missing}, unexpected "
-                               f"{unexpected})")
-    trainable = freeze_shared(model, guide, [name])
     batch = embed_session(recording.batch(), grown, name)
     fit_trials, valid = split_sessions(batch, grown, cfg.eval.valid_frac, seed)
-    with torch.no_grad():  # the new read-out's bias: log mean counts of its training trials
-        mean = (fit_trials.target * fit_trials.mask).sum((0, 1)) / fit_trials.mask.sum((0, 1)).clamp_min(1)
-        cols = torch.as_tensor(grown.columns(grown.position(name)))
-        model.decoder.readout.sessions[name].bias.copy_(torch.log(mean[cols].clamp_min(1e-3)))
+    try:
+        model, guide, trainable = grow(cfg, loaded.model, loaded.guide, grown.sessions[-1], fit_trials)
+    except SessionError as exc:
+        raise RecordingError(f"--from {run}: {exc}") from None
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     log(f"adding session {name} ({recording.source}: {recording.n_trials} trials x {recording.n_units} units) to "
