@@ -15,7 +15,10 @@ the held-out trials only:
 * rate R^2 to the true rates, per session, against its number of trials;
 * the latents' match to the true Lorenz state: ONE affine map (ridge) from every session's posterior-mean
   latents [z, v] to the Lorenz state, fitted on half of every session's held-out trials and scored on the
-  other half, against a separate map per session.
+  other half, against a separate map per session;
+* with ``--few-shot 5,10,20,all``: the last session held out of a stitched fit of the others, then added
+  with only K of its training trials (its read-in and read-out alone train), against a model fitted from
+  scratch on the same K trials (rate R^2 on its held-out trials).
 
 Writes ``stitching.json`` and ``stitching.png`` to ``--out``; prints the JSON as its last line.
 Nothing is selected on what is scored.
@@ -40,7 +43,9 @@ from pyro_langevin.metrics import rate_r2
 from pyro_langevin.options import ArgumentParser, add_run_arguments, add_spec_arguments, check_run_options, spec_overrides
 from pyro_langevin.posterior import posterior_means
 from pyro_langevin.spec import RunSpec, build, build_stitched
-from pyro_langevin.stitching import balance_sessions, embed_session, pcr_layout, split_sessions, stitch_batches
+from pyro_langevin.sessions import Session as RecordedSession  # console.Session is the command's
+from pyro_langevin.stitching import (balance_sessions, embed_session, grow, pcr_layout, split_sessions,
+                                     stitch_batches)
 from pyro_langevin.training import fit
 
 
@@ -56,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the stitched read-ins' initialisation (pcr: from the training trials' condition averages)")
     p.add_argument("--freeze-readin", action="store_true", help="keep the stitched read-ins at their initial value")
     p.add_argument("--no-separate", action="store_true", help="fit only the stitched model")
+    p.add_argument("--few-shot", default=None, metavar="K,K,...",
+                   help="also hold the last session out of the stitched fit and add it afterwards with only K of its "
+                        "training trials (its read-in and read-out alone train), against a model fitted from scratch "
+                        "on the same K trials; e.g. 5,10,20 (all: every training trial)")
     return p.parse_args(argv)
 
 
@@ -116,6 +125,39 @@ def fit_separate(sessions, spec: RunSpec, device, progress: bool) -> List[Dict[s
     return out
 
 
+def few_shot(sessions, spec: RunSpec, device, progress: bool, ks: List[int], readin_init: str, train_readin: bool):
+    """Rate R^2 on the last session's held-out trials after adding it with ``k`` training trials to a
+    stitched model of the others (:func:`~pyro_langevin.stitching.grow`), and from scratch on the same ``k``."""
+    *others, new = sessions
+    names = [s["name"] for s in others]
+    batch, layout = stitch_batches([s["train"] for s in others], names, readin_dim=16,
+                                   n_trials=[s["n_trials"] for s in others], train_readin=train_readin)
+    fit_part, valid = split_sessions(batch, layout, 0.2, spec.fit.seed)
+    if readin_init == "pcr":
+        layout = pcr_layout(layout, fit_part, {s["name"]: s["conditions"] for s in others})
+    model, guide = build_stitched(spec, layout)
+    fit(model, guide, balance_sessions(fit_part, layout), valid, spec.fit, device=device, progress=progress)
+    truth = new["rates"][new["test_rows"]]
+    out = []
+    for k in ks:
+        k = min(k, len(new["train"]))
+        trials = new["train"][np.arange(k)]
+        session = RecordedSession(new["name"], new["n_units"], 0, new["n_trials"])
+        grown_layout = model.layout.with_session(session)
+        embedded = embed_session(trials, grown_layout, new["name"])
+        fit_k, valid_k = split_sessions(embedded, grown_layout, 0.2, spec.fit.seed)
+        grown, grown_guide, _ = grow(spec, model, guide, session, fit_k)
+        fit(grown, grown_guide, fit_k, valid_k, spec.fit, device=device, progress=progress, init_rates=False)
+        added = _posterior(grown, grown_guide, embed_session(new["test"], grown_layout, new["name"]), device)["rates"]
+        fit_s, valid_s = split_train_valid(trials, 0.2, spec.fit.seed)
+        scratch_model, scratch_guide = build(spec, new["n_units"], new["n_units"])
+        fit(scratch_model, scratch_guide, fit_s, valid_s, spec.fit, device=device, progress=progress)
+        scratch = _posterior(scratch_model, scratch_guide, new["test"], device)["rates"]
+        out.append({"k": k, "added_rate_r2": rate_r2(truth, added[:, :, grown_layout.columns(len(others))]),
+                    "scratch_rate_r2": rate_r2(truth, scratch)})
+    return {"session": new["name"], "trials": new["n_trials"], "units": new["n_units"], "by_k": out}
+
+
 def latent_maps(sessions, posts) -> Dict[str, float]:
     """R^2 of ONE ridge map from all sessions' latents to the Lorenz state, and the mean of per-session maps."""
     halves = [(np.arange(len(p["latents"])) % 2 == 0) for p in posts]
@@ -154,6 +196,10 @@ def run(args: argparse.Namespace, session: Session) -> dict:
             seconds["separate"] = round(time.perf_counter() - t_fit, 1)
         record = {"seed": seed, "sessions": [{"name": s["name"], "trials": s["n_trials"], "units": s["n_units"]}
                                              for s in sessions], "seconds": seconds}
+        if args.few_shot:
+            ks = [10**9 if k == "all" else int(k) for k in args.few_shot.split(",")]
+            record["few_shot"] = few_shot(sessions, seeded, opts.device, not args.no_progress, ks, args.readin_init,
+                                          not args.freeze_readin)
         for recipe, ps in posts.items():
             record[recipe] = {"rate_r2": [rate_r2(s["rates"][s["test_rows"]], p["rates"]) for s, p in zip(sessions, ps)],
                               **latent_maps(sessions, ps)}

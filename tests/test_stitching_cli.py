@@ -174,12 +174,15 @@ def test_the_stitching_example_runs_quick_and_scores_both_recipes_on_held_out_tr
     spec = importlib.util.spec_from_file_location("stitching_example", Path(__file__).parents[1] / "examples" / "stitching.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    assert example.main(["--quick", "--epochs", "2", "--sessions", "3", "--out", str(tmp_path / "x"), "--no-progress"]) == 0
+    assert example.main(["--quick", "--epochs", "2", "--sessions", "3", "--out", str(tmp_path / "x"), "--no-progress",
+                         "--few-shot", "5,all"]) == 0
     metrics = json.loads((tmp_path / "x" / "stitching.json").read_text())
     (record,) = metrics["results"]
     assert [s["trials"] for s in record["sessions"]] == [10, 35, 60]
     for recipe in ("stitched", "separate"):
         assert len(record[recipe]["rate_r2"]) == 3 and np.isfinite(record[recipe]["one_map_r2"])
+    assert [r["k"] for r in record["few_shot"]["by_k"]] == [5, 30]  # the last session: 60 trials, half train
+    assert all(np.isfinite([r["added_rate_r2"], r["scratch_rate_r2"]]).all() for r in record["few_shot"]["by_k"])
     assert (tmp_path / "x" / "stitching.png").stat().st_size > 0
 
 
