@@ -118,6 +118,13 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       quick_help="a smoke run: tiny model, 3 epochs, 2 folds")
     p.add_argument("--cv", type=non_negative_int, default=None, metavar="K",
                    help="K-fold co-smoothing cross-validation (default: 5, fewer for small recordings; 0: no score)")
+    p.add_argument("--recipe", choices=("search", "default"), default="search",
+                   help="search (default): choose the recipe on the recording's own trials (candidates scored by "
+                        "Poisson data thinning, ASHA on Ray; inside every CV fold on its other trials); default: "
+                        "the sized defaults as they are, no search (docs/recording.md)")
+    p.add_argument("--save-draws", type=non_negative_int, default=0, metavar="N",
+                   help="also store N posterior draws of every trial's rates and latents in posterior.nc, with "
+                        "(chain, draw) dimensions for az.summary / az.hdi / az.plot_posterior (default 0: summaries only)")
     p.add_argument("--workers", type=positive_int, default=None,
                    help="cross-validation folds trained at once, one process each (CPU; default one per core)")
     add_executor_arguments(p, storage=False)  # the folds' checkpoints stay in --out
@@ -180,10 +187,11 @@ def _fit(args: argparse.Namespace, session: Session) -> None:
         metrics = fit_recording(recording, run.out, config=cfg, overrides=changes, epochs=args.epochs,
                                 quick=args.quick, seed=args.seed, device=run.device, workers=workers,
                                 executor=executor if executor.on_ray else None, resume=args.resume,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, recipe=args.recipe,
+                                save_draws=args.save_draws)
     print(format_summary(metrics))
     cv = metrics["cv"]
-    head = {"out": str(run.out), "seconds": metrics["seconds"]["total"]}
+    head = {"out": str(run.out), "seconds": metrics["seconds"]["total"], "recipe": metrics["recipe"]["winner"]}
     if cv:
         sm = cv["summary"]
         head.update({"co_bps": sm["model"]["co-bps"]["mean"], "co_bps_se": sm["model"]["co-bps"]["se"],
