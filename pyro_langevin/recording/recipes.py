@@ -12,9 +12,10 @@ trials it is given and keeps the best:
   spike of ``y2`` under its posterior-mean rates: a proper score of every unit's rates that copying
   the spikes it read cannot raise (co-smoothing alone preferred a recipe that recovered the rates
   worse, issue 29). The same score picks each candidate's checkpoint and ranks the candidates;
-* **cost**: ASHA (``ray.tune.schedulers.ASHAScheduler``, reduction factor 2, first rung at a
-  quarter of the validations) stops the worse half of the candidates at each rung; every
-  candidate also stops early on its own (``fit.patience``);
+* **cost**: ASHA (``ray.tune.schedulers.ASHAScheduler``, reduction factor 2, first rung at an
+  eighth of the validations) stops the worse half of the candidates at each rung; a set's
+  candidates are queued together, so they race each other; every candidate also stops early on
+  its own (``fit.patience``);
 * **where**: a local Ray instance by default, a cluster with ``address``;
 * **nesting**: :func:`~pyro_langevin.recording.run.cross_validate_recording` calls it on each
   fold's other trials only, so a fold's scored trials never choose its recipe.
@@ -47,7 +48,7 @@ __all__ = ["CANDIDATES", "KEEP", "RECIPE_MODES", "candidate_config", "fit_thinne
 CANDIDATES: Dict[str, Dict[str, Any]] = {
     "default": {},
     "no-shift": {"fit.shift_std": 0.0},
-    "strong-prior": {"fit.kl_final": 1.0},
+    "low-kl": {"fit.kl_final": 0.01},
     "dropout": {"fit.shift_std": 0.0, "model.dropout": 0.4, "guide.dropout": 0.4, "fit.cd_keep": 0.3},
 }
 #: Share of every count the candidates fit (``y1``); the rest (``y2``) scores them.
@@ -108,7 +109,7 @@ def _trainable(params: Dict[str, Any], ctx: _Context) -> None:
     from ray import tune
 
     torch.set_num_threads(ctx.threads)
-    name, group = params["recipe"], int(params["group"])
+    name, group = params["candidate"], int(params["set"])
     cfg = candidate_config(ctx.base, ctx.candidates[name])
     best = {"score": -math.inf}
 
@@ -122,7 +123,7 @@ def _trainable(params: Dict[str, Any], ctx: _Context) -> None:
 
 
 def _grouped_asha(max_t: int):
-    """A Ray Tune scheduler that runs one ``ASHAScheduler`` per ``group`` of trials (a fold's
+    """A Ray Tune scheduler that runs one ``ASHAScheduler`` per ``set`` of trials (a fold's
     candidates race each other, never another fold's), so every fold's search shares one experiment."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -132,10 +133,10 @@ def _grouped_asha(max_t: int):
             self.groups: Dict[int, ASHAScheduler] = {}
 
         def _of(self, trial):
-            group = int(trial.config["group"])
+            group = int(trial.config["set"])
             if group not in self.groups:
                 self.groups[group] = ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode="max",
-                                                   max_t=max_t, grace_period=max(1, max_t // 4), reduction_factor=2)
+                                                   max_t=max_t, grace_period=max(1, max_t // 8), reduction_factor=2)
             return self.groups[group]
 
         def set_search_properties(self, metric, mode, **spec) -> bool:
@@ -202,7 +203,8 @@ def search_recipe(recordings: Sequence[Recording], base: RecordingConfig, out: P
     out.mkdir(parents=True, exist_ok=True)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trainable, ctx=ctx), {"cpu": cpus_per_trial}),
-        param_space={"group": tune.grid_search(list(range(len(ctx.recordings)))), "recipe": tune.grid_search(list(cands))},
+        # Ray varies the alphabetically first key fastest: a set's candidates are queued together and race
+        param_space={"set": tune.grid_search(list(range(len(ctx.recordings)))), "candidate": tune.grid_search(list(cands))},
         tune_config=tune.TuneConfig(scheduler=_grouped_asha(max_t)),
         run_config=tune.RunConfig(name="search", storage_path=str(out), verbose=0),
     )
@@ -214,7 +216,7 @@ def search_recipe(recordings: Sequence[Recording], base: RecordingConfig, out: P
     seconds = round(time.perf_counter() - t0, 1)
     tables: List[Dict[str, Dict[str, Any]]] = [{} for _ in ctx.recordings]
     for res in grid:
-        name, group = res.config["recipe"], int(res.config["group"])
+        name, group = res.config["candidate"], int(res.config["set"])
         if res.error is not None:
             raise RuntimeError(f"recipe search: candidate {name!r} failed: {res.error}")
         m = res.metrics or {}
