@@ -107,6 +107,7 @@ def train_folds(
     baseline: Baseline,
     *,
     to_scored_bins: Callable[[Rates], Rates] = lambda rates: rates,
+    fold_configs: Optional[Dict[int, MemberRunSpec]] = None,
     log: Callable[[str], None] = print,
     **train_kwargs: Any,
 ) -> Tuple[List[Dict[str, Any]], List[Rates]]:
@@ -127,6 +128,9 @@ def train_folds(
         ``baseline(fold.data, scored, rest) -> scores`` of the smoothing baseline on the same split.
     to_scored_bins : callable
         Brings the members' rates (at the fitting bins) to the scored bins.
+    fold_configs : dict, optional
+        Fold index -> the recipe its members train instead of ``cfg`` (a recipe chosen on the fold's
+        other trials); ``cfg`` still sets the split and the ensemble size.
     log : callable
         Receives progress lines (one per fold with its scores).
     train_kwargs
@@ -149,6 +153,8 @@ def train_folds(
                                   seed + 1000 * (f + 1), out / f"fold{f}", getattr(fold.fit_data, "sessions", None))
         for spec in fold_specs:
             spec.index = len(specs)
+            if fold_configs and f in fold_configs:
+                spec.recipe = fold_configs[f]
             if fold.fit_data is not shared:  # the fold's own neurons: its members export its trials
                 spec.trials = fold.fit_data
             specs.append(spec)

@@ -168,6 +168,8 @@ class MemberSpec:
     trials : Trials, optional
         The trials whose rates the member exports, and whose sizes it is built for, when they are not
         the run's (a recording's cross-validation fold, whose held-out neurons are its own).
+    recipe : MemberRunSpec, optional
+        The member's own run spec when it is not the run's (a fold whose recipe its own search chose).
     """
 
     index: int
@@ -177,6 +179,7 @@ class MemberSpec:
     seed: int
     checkpoint_dir: Path
     trials: Optional[Trials] = None
+    recipe: Optional["MemberRunSpec"] = None
 
     def training_batch(self) -> Batch:
         """What ``fit`` trains on: ``fit_trials`` in full; ``valid`` and ``heldin_only`` trials with
@@ -236,7 +239,9 @@ def fold_members(train: Batch, heldin_only: Sequence[Batch], n_models: int, vali
 
 
 def member_config(spec: MemberSpec, cfg: MemberRunSpec) -> MemberRunSpec:
-    """The member's own run spec: ``cfg`` with the member's seed (stored with its checkpoints)."""
+    """The member's own run spec: ``cfg`` (or the member's own ``recipe``) with the member's seed (stored
+    with its checkpoints)."""
+    cfg = spec.recipe if spec.recipe is not None else cfg
     return dataclasses.replace(cfg, fit=cfg.member_fit(spec.seed))
 
 

@@ -218,7 +218,7 @@ def test_fit_command_end_to_end_on_synthetic_nwb(synthetic, tmp_path, capsys):
     spec.write_text(json.dumps(SHORT))
     out = tmp_path / "run"
     args = ["fit", "--nwb", str(path), "--condition", "reach_dir", "--behavior", "hand_vel", "--bin-ms", "20",
-            "--spec", str(spec), "--out", str(out), "--no-progress", "--workers", "1"]
+            "--spec", str(spec), "--out", str(out), "--no-progress", "--workers", "1", "--recipe", "default"]
     code = main(args)
     captured = capsys.readouterr()
     assert code == 0, captured.err

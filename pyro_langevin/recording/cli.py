@@ -137,6 +137,13 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       quick_help="a smoke run: tiny model, 3 epochs, 2 folds")
     p.add_argument("--cv", type=non_negative_int, default=None, metavar="K",
                    help="K-fold co-smoothing cross-validation (default: 5, fewer for small recordings; 0: no score)")
+    p.add_argument("--recipe", choices=("search", "default"), default=None,
+                   help="search (the default for one recording): choose the recipe on the recording's own trials "
+                        "(candidates scored by Poisson data thinning, ASHA on Ray; inside every CV fold on its other "
+                        "trials); default: the sized defaults as they are, no search (docs/recording.md)")
+    p.add_argument("--save-draws", type=non_negative_int, default=0, metavar="N",
+                   help="also store N posterior draws of every trial's rates and latents in posterior.nc, with "
+                        "(chain, draw) dimensions for az.summary / az.hdi / az.plot_posterior (default 0: summaries only)")
     p.add_argument("--workers", type=positive_int, default=None,
                    help="cross-validation folds trained at once, one process each (CPU; default one per core)")
     add_executor_arguments(p, storage=False)  # the folds' checkpoints stay in --out
@@ -187,6 +194,10 @@ def _fit(args: argparse.Namespace, session: Session) -> None:
     if args.from_run is not None or len(files) > 1 or args.session_names is not None:
         from pyro_langevin.recording.stitch_cli import fit_sessions  # heavy: only for stitched runs
 
+        if args.recipe == "search" or args.save_draws:
+            raise OptionError(f"--{'recipe search' if args.recipe == 'search' else 'save-draws'} is for one-session fits; "
+                              "a stitched run fits the sized defaults and writes posterior summaries")
+
         return fit_sessions(args, session, files, read_recording, print_headline)
     source = files[0]
     name = f"fit/{Path(source).stem}"
@@ -216,7 +227,8 @@ def _fit(args: argparse.Namespace, session: Session) -> None:
         metrics = fit_recording(recording, run.out, config=cfg, overrides=changes, epochs=args.epochs,
                                 quick=args.quick, seed=args.seed, device=run.device, workers=workers,
                                 executor=executor if executor.on_ray else None, resume=args.resume,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, recipe=args.recipe or "search",
+                                save_draws=args.save_draws)
     print(format_summary(metrics))
     print_headline(metrics, run.out)
 
@@ -225,6 +237,8 @@ def print_headline(metrics: dict, out: Path) -> None:
     """The last line of ``pyro-langevin fit``: the headline numbers as JSON."""
     cv = metrics["cv"]
     head = {"out": str(out), "seconds": metrics["seconds"]["total"]}
+    if metrics.get("recipe"):
+        head["recipe"] = metrics["recipe"]["winner"]
     if cv:
         sm = cv["summary"]
         head.update({"co_bps": sm["model"]["co-bps"]["mean"], "co_bps_se": sm["model"]["co-bps"]["se"],

@@ -25,7 +25,7 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -41,6 +41,15 @@ from pyro_langevin.predictive import save_netcdf
 from pyro_langevin.recording.config import RecordingConfig, default_config, sized_settings
 from pyro_langevin.recording.data import Recording, RecordingError
 from pyro_langevin.recording.figures import save_figures
+from pyro_langevin.recording.recipes import (
+    CANDIDATES,
+    RECIPE_MODES,
+    candidate_config,
+    format_recipe_choice,
+    ray_for_search,
+    search_recipe,
+    summarize_recipe_choice,
+)
 from pyro_langevin.recording.summary import summarize_posterior, to_inference_data
 from pyro_langevin.spec import SpecError, build, check_buildable, load_run, run_meta
 from pyro_langevin.training import fit
@@ -49,6 +58,9 @@ __all__ = ["recording_config", "run_meta_of", "check_resumable", "cross_validate
            "fit_recording", "format_summary", "PROB"]
 
 PathLike = Union[str, Path]
+#: ``search(trial_sets, folder) -> results``: chooses a recipe on each trial set
+#: (:func:`~pyro_langevin.recording.recipes.search_recipe`).
+Search = Callable[[Sequence[Recording], Path], List[Dict[str, Any]]]
 #: Mass of every posterior interval written (posterior.nc, figures).
 PROB = 0.9
 
@@ -87,15 +99,23 @@ def run_meta_of(recording: Recording, seed: int) -> Dict[str, Any]:
             "run_seed": int(seed)}
 
 
-def _resume_view(cfg: RecordingConfig, meta: Mapping[str, Any]) -> Dict[str, Any]:
-    """The settings a checkpoint of this run must share: data, seed, and the spec but for what each fit sets itself."""
+def _resume_view(cfg: RecordingConfig, meta: Mapping[str, Any], ignore: Sequence[str] = ()) -> Dict[str, Any]:
+    """The settings a checkpoint of this run must share: data, seed, and the spec but for what each fit
+    sets itself (and the dotted keys ``ignore``: what a recipe search may set)."""
     spec = cfg.to_dict()
     for key in ("seed", "select_on", "select_mode"):
         spec["fit"].pop(key, None)
+    for dotted in ignore:
+        section, _, key = dotted.partition(".")
+        spec.get(section, {}).pop(key, None)
     return {**meta, "spec": spec}
 
 
-def check_resumable(out: Path, cfg: RecordingConfig, meta: Mapping[str, Any]) -> None:
+def _candidate_keys(candidates: Mapping[str, Mapping[str, Any]]) -> List[str]:
+    return sorted({k for over in candidates.values() for k in over})
+
+
+def check_resumable(out: Path, cfg: RecordingConfig, meta: Mapping[str, Any], ignore: Sequence[str] = ()) -> None:
     """Refuse ``--resume`` when any checkpoint under ``out`` (the folds' and the fit's ``last.pt``) was
     written by a run with other data or settings (:func:`~pyro_langevin.checkpoints.resume_conflicts`).
 
@@ -104,7 +124,7 @@ def check_resumable(out: Path, cfg: RecordingConfig, meta: Mapping[str, Any]) ->
     RecordingError
         ``--resume: FILE was written by a different run (KEY=... there, ... here)``.
     """
-    wanted = _resume_view(cfg, meta)
+    wanted = _resume_view(cfg, meta, ignore)
     for last in sorted(Path(out).rglob("last.pt")):
         try:
             saved = load_checkpoint(last).get("meta") or {}
@@ -120,6 +140,7 @@ def cross_validate_recording(recording: Recording, cfg: RecordingConfig, out: Pa
                              device: Any = "cpu", *, workers: int = 1, executor: Optional[Executor] = None,
                              resume: bool = False, progress: bool = True,
                              meta: Optional[Mapping[str, Any]] = None,
+                             search: Optional[Search] = None,
                              log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Co-smoothing cross-validation of ``cfg``'s recipe on ``recording`` (see the module docstring).
 
@@ -129,6 +150,12 @@ def cross_validate_recording(recording: Recording, cfg: RecordingConfig, out: Pa
     penalty on the fold's other trials (``kern_sd_ms="cv"``). The folds train on ``executor``
     (default: ``workers`` local worker processes; :class:`~pyro_langevin.executor.Executor` with an
     ``address`` runs them as Ray tasks).
+
+    With ``search`` (``search(trial_sets, folder) -> results``, e.g. a partial of
+    :func:`~pyro_langevin.recording.recipes.search_recipe`), each fold's recipe is chosen first on
+    the fold's OTHER trials only (``recording.subset(rest)``: its scored trials are not passed), and
+    the fold trains the winner; each search's table is kept in ``out/fold{f}/search.json`` (read back
+    by ``resume``) and in the fold's record (``recipe``, ``search``).
 
     Returns
     -------
@@ -153,12 +180,42 @@ def cross_validate_recording(recording: Recording, cfg: RecordingConfig, out: Pa
         chosen[len(chosen)] = info
         return scores
 
-    records, _ = train_folds(folds, cfg, out, seed, device, baseline, log=log, executor=executor or Executor(workers=workers), resume=resume,
-                             progress=progress, meta=dict(meta or {}))
+    searches: Dict[int, Dict[str, Any]] = {}
+    if search is not None:
+        log(f"choosing each fold's recipe on its other trials ({', '.join(str(recording.n_trials - len(p)) for p in parts)}) ...")
+        searches = dict(enumerate(_searched(recording, parts, search, [out / f"fold{f}" for f in range(k)], resume, log)))
+    configs = {f: candidate_config(cfg, s["candidates"][s["winner"]]["overrides"]) for f, s in searches.items()}
+    records, _ = train_folds(folds, cfg, out, seed, device, baseline, log=log, executor=executor or Executor(workers=workers),
+                             resume=resume, progress=progress, meta=dict(meta or {}), fold_configs=configs or None)
     for f, record in enumerate(records):
+        if f in searches:
+            record["recipe"], record["search"] = searches[f]["winner"], searches[f]
         record["heldout_units"] = [recording.unit_ids[u].item() for u in heldout[f]]
         record["smoothing_kernel_sd_ms"], record["smoothing_glm_alpha"] = chosen[f]["kern_sd_ms"], chosen[f]["alpha"]
     return {"k": k, "n_heldout_units": n_out, "seed": seed, "folds": records, "summary": summarize_folds(records)}
+
+
+def _searched(recording: Recording, scored: Sequence[np.ndarray], search: Search, folders: Sequence[Path],
+              resume: bool, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    """The recipe searches of several folds, each on the fold's OTHER trials only, in one ``search``
+    call; ``folder/search.json`` keeps each (``resume`` reads back those of the same trials)."""
+    rests = [np.setdiff1d(np.arange(recording.n_trials), s) for s in scored]
+    results: Dict[int, Dict[str, Any]] = {}
+    for i, (rest, folder) in enumerate(zip(rests, folders)):
+        saved = folder / "search.json"
+        if resume and saved.is_file():
+            earlier = json.loads(saved.read_text())
+            if earlier.get("trial_rows") == rest.tolist():
+                log(f"{folder.name}: recipe search finished earlier ({saved}): {earlier['winner']}")
+                results[i] = earlier
+    todo = [i for i in range(len(rests)) if i not in results]
+    if todo:
+        found = search([recording.subset(trials=rests[i]) for i in todo], folders[todo[0]].parent / "search")
+        for i, result in zip(todo, found):
+            results[i] = dict(result, trial_rows=rests[i].tolist())
+            folders[i].mkdir(parents=True, exist_ok=True)
+            (folders[i] / "search.json").write_text(json.dumps(results[i], indent=2, allow_nan=True))
+    return [results[i] for i in range(len(rests))]
 
 
 def fit_final(recording: Recording, cfg: RecordingConfig, out: Path, seed: int = 0, device: Any = "cpu", *,
@@ -191,7 +248,9 @@ def fit_final(recording: Recording, cfg: RecordingConfig, out: Path, seed: int =
 def fit_recording(recording: Recording, out: PathLike, *, config: Optional[RecordingConfig] = None,
                   overrides: Optional[Mapping[str, Any]] = None, epochs: Optional[int] = None, quick: bool = False,
                   seed: int = 0, device: Any = None, workers: int = 1, executor: Optional[Executor] = None,
-                  resume: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> Dict[str, Any]:
+                  resume: bool = False, progress: bool = True, recipe: str = "search",
+                  candidates: Optional[Mapping[str, Mapping[str, Any]]] = None, save_draws: int = 0,
+                  log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Score, fit and summarise ``recording`` into ``out`` (see the module docstring).
 
     Parameters
@@ -217,6 +276,16 @@ def fit_recording(recording: Recording, out: PathLike, *, config: Optional[Recor
         :func:`check_resumable`).
     progress : bool
         Show the fit's progress bar.
+    recipe : {"search", "default"}
+        ``"search"``: choose the recipe on the recording (:mod:`~pyro_langevin.recording.recipes`):
+        inside each cross-validation fold on its other trials, and for the final fit the candidate
+        that won the most folds (with ``cv.folds = 0``, one search on every trial). ``"default"``:
+        the sized defaults as they are.
+    candidates : dict, optional
+        Name -> dotted-key overrides (default :data:`~pyro_langevin.recording.recipes.CANDIDATES`).
+    save_draws : int
+        Also store this many posterior draws of every trial's rates and latents in ``posterior.nc``
+        with (chain, draw) dimensions (:func:`~pyro_langevin.recording.summary.to_inference_data`).
 
     Returns
     -------
@@ -227,9 +296,15 @@ def fit_recording(recording: Recording, out: PathLike, *, config: Optional[Recor
     out = Path(out)
     dev = check_device(device)
     cfg = config if config is not None else recording_config(recording, overrides, quick, epochs)
+    if isinstance(save_draws, bool) or not isinstance(save_draws, int) or save_draws < 0:
+        raise SpecError(f"save_draws must be an integer >= 0, got {save_draws!r}")
+    if recipe not in RECIPE_MODES:
+        raise SpecError(f"recipe must be one of {RECIPE_MODES}, got {recipe!r}")
+    cands = {k: dict(v) for k, v in (candidates or CANDIDATES).items()}
+    searched = recipe == "search"
     meta = run_meta_of(recording, seed)
     if resume:
-        check_resumable(out, cfg, meta)
+        check_resumable(out, cfg, meta, ignore=_candidate_keys(cands) if searched else ())
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     n, u, t = recording.n_trials, recording.n_units, recording.n_bins
@@ -239,19 +314,31 @@ def fit_recording(recording: Recording, out: PathLike, *, config: Optional[Recor
            if recording.conditions is not None else ""))
     for note in recording.notes:
         log(f"  {note}")
-    cv = None
+    cv, choice, final_cfg = None, None, cfg
     t_cv = time.perf_counter()
-    if cfg.cv.folds:
-        cv = cross_validate_recording(recording, cfg, out / "cv", seed, dev, workers=workers, executor=executor,
-                                      resume=resume, progress=progress and workers <= 1 and executor is None,
-                                      meta=meta, log=log)
-        log(format_cv_table(cv["summary"], cv["k"], "the trials, held-out units drawn per fold"))
+    with ray_for_search(searched, workers):
+        search = (lambda trials, folder: search_recipe(trials, cfg, folder, seed=seed, device=dev, candidates=cands,
+                                                        log=log)) if searched else None
+        if cfg.cv.folds:
+            cv = cross_validate_recording(recording, cfg, out / "cv", seed, dev, workers=workers, executor=executor,
+                                          resume=resume, progress=progress and workers <= 1 and executor is None,
+                                          meta=meta, search=search, log=log)
+            log(format_cv_table(cv["summary"], cv["k"], "the trials, held-out units drawn per fold"))
+        if searched:
+            searches = [f["search"] for f in cv["folds"]] if cv else _searched(
+                recording, [np.zeros(0, int)], search, [out / "recipe"], resume, log)
+            choice = summarize_recipe_choice(searches, cands)
+            final_cfg = candidate_config(cfg, cands[choice["winner"]])
+            log(f"recipe: {format_recipe_choice(choice)}")
+            (out / "spec.json").write_text(json.dumps(final_cfg.to_dict(), indent=2))
     cv_seconds = time.perf_counter() - t_cv
     t_fit = time.perf_counter()
-    (model, guide, _, _), final = fit_final(recording, cfg, out, seed, dev, resume=resume, progress=progress,
+    (model, guide, _, _), final = fit_final(recording, final_cfg, out, seed, dev, resume=resume, progress=progress,
                                             meta=meta, log=log)
-    log(f"posterior: {cfg.eval.export_draws} draws of every trial's rates and latents ...")
-    summary = summarize_posterior(model, guide, recording, cfg.eval.export_draws, PROB, seed, dev)
+    n_draws = max(cfg.eval.export_draws, save_draws)
+    log(f"posterior: {n_draws} draws of every trial's rates and latents"
+        + (f" ({save_draws} kept in posterior.nc)" if save_draws else "") + " ...")
+    summary = summarize_posterior(model, guide, recording, n_draws, PROB, seed, dev, keep_draws=save_draws)
     idata = to_inference_data(summary, recording, attrs={"source": recording.source, "seed": seed})
     nc = save_netcdf(idata, out / "posterior.nc")
     figures = save_figures(out, recording, summary, cv)
@@ -265,16 +352,21 @@ def fit_recording(recording: Recording, out: PathLike, *, config: Optional[Recor
                  "mean_rate_hz": float(recording.mean_rates_hz().mean())},
         "defaults": {"size": recording.size(), "by_size": sized_settings(n, u, t, recording.bin_ms),
                      "overrides": dict(overrides or {}), "epochs": epochs, "quick": quick},
+        "recipe": {"mode": recipe, "candidates": cands, **(choice or {"winner": "default"})},
         "cv": cv, "fit": final,
         "outputs": {"spec": str(out / "spec.json"), "checkpoints": str(out / "checkpoints"), "posterior": str(nc),
                     "figures": {k: str(v) for k, v in figures.items()}, "metrics": str(out / "metrics.json")},
         "seconds": {"cv": round(cv_seconds, 1), "fit_and_outputs": round(fit_seconds, 1),
                     "total": round(time.perf_counter() - t_start, 1)},
         "seed": seed, "device": str(dev), "workers": workers, "torch_threads": torch.get_num_threads(),
-        "host": platform.node(), "spec": cfg.to_dict(),
+        "host": platform.node(), "spec": final_cfg.to_dict(),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True, default=str))
     return metrics
+
+
+def _or0(x: float) -> float:
+    return x if x == x else 0.0
 
 
 def format_summary(metrics: Mapping[str, Any]) -> str:
@@ -300,8 +392,22 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
             m, b, diff = sm["model"][key], sm["smoothing"][key], sm["difference"][key]
             lines.append(f"         {key:<7} LangevinFlow {m['mean']:.4f} +- {m['se']:.4f}   smoothing {b['mean']:.4f} +- "
                          f"{b['se']:.4f}   difference {diff['mean']:+.4f} +- {diff['se']:.4f}")
+        diff = sm["difference"]["co-bps"]
+        if not diff["mean"] - 2 * _or0(diff["se"]) > 0:
+            lines.append(f"         NOT BETTER THAN SPIKE SMOOTHING: the model's co-bps is {diff['mean']:+.4f} +- "
+                         f"{_or0(diff['se']):.4f} over smoothing's on the same folds; prefer smoothed spikes for this recording"
+                         if diff["mean"] <= 0 else
+                         f"         not clearly better than spike smoothing: {diff['mean']:+.4f} +- {_or0(diff['se']):.4f} "
+                         "co-bps over it (under two standard errors)")
     else:
         lines.append("score    none (cv.folds = 0)")
+    r = metrics.get("recipe") or {}
+    if r.get("mode") == "search":
+        lines.append(f"recipe   chosen on the recording (thinned bits/spike, keep {r['keep']:g}): {format_recipe_choice(r)}")
+        if cv:
+            lines.append(f"         per fold (each on its other trials): {', '.join(r['folds'])}")
+    elif r:
+        lines.append("recipe   the sized defaults (--recipe default: no search)")
     f = metrics["fit"]
     lines.append(f"fit      {f['epochs_run']} epochs ({'stopped early' if f['stopped_early'] else 'all'}), best at epoch "
                  f"{f['best_epoch']} (validation loss {f['best_val_loss']:.4f}: negative ELBO per count, nats), {f['fit_seconds']:.0f} s")

@@ -60,6 +60,8 @@ class PosteriorSummary:
         Observed mean count per bin over the trials observed in that bin, and its standard error.
     n_trials_observed : ndarray (condition, time)
         How many trials of each condition are observed in each bin.
+    rates_draws, latents_draws : ndarray (draw, trial, time, unit / latent), optional
+        The first ``keep_draws`` draws themselves (float32, NaN in padded bins), when kept.
     """
 
     prob: float
@@ -79,6 +81,8 @@ class PosteriorSummary:
     psth: np.ndarray
     psth_sem: np.ndarray
     n_trials_observed: np.ndarray
+    rates_draws: Optional[np.ndarray] = None
+    latents_draws: Optional[np.ndarray] = None
 
 
 def _label_key(label: str) -> tuple:
@@ -96,7 +100,7 @@ def _chunk_size(n_draws: int, n_bins: int, width: int, budget: int = 20_000_000)
 
 def summarize_posterior(model: Any, guide: Any, recording: Recording, n_draws: int = 50, prob: float = 0.9,
                         seed: int = 0, device: Any = "cpu", *, batch: Any = None,
-                        rate_columns: Optional[np.ndarray] = None) -> PosteriorSummary:
+                        rate_columns: Optional[np.ndarray] = None, keep_draws: int = 0) -> PosteriorSummary:
     """Posterior summaries of every trial and condition of ``recording`` (all units held in, as the
     final fit reads them), from ``n_draws`` draws of the guide replayed through the model.
 
@@ -116,9 +120,14 @@ def summarize_posterior(model: Any, guide: Any, recording: Recording, n_draws: i
         The recording's trials as the model reads them (default ``recording.batch()``; a stitched
         model reads them in its sessions' layout) and the columns of its ``rates`` that are the
         recording's units (default all).
+    keep_draws : int
+        Also return the first ``keep_draws`` draws of every trial's rates and latents (at most
+        ``n_draws``), for ``posterior.nc``'s (chain, draw) variables.
     """
     if not 0 < prob < 1:
         raise ValueError(f"prob must be in (0, 1), got {prob}")
+    if not 0 <= keep_draws <= n_draws:
+        raise ValueError(f"keep_draws must be in 0..n_draws={n_draws}, got {keep_draws}")
     q = [(1 - prob) / 2, (1 + prob) / 2]
     batch = (recording.batch() if batch is None else batch).to(device)
     obs = recording.observed
@@ -135,6 +144,7 @@ def summarize_posterior(model: Any, guide: Any, recording: Recording, n_draws: i
     n_obs = weight.sum(0)  # (condition, time)
     pyro.set_rng_seed(seed)
     per_trial: Dict[str, List[List[np.ndarray]]] = {"rates": [], "z": []}
+    kept: Dict[str, List[np.ndarray]] = {"rates": [], "z": []}
     sums: Dict[str, Optional[np.ndarray]] = {"rates": None, "z": None}
     width = max(recording.n_units, int(getattr(model, "latent_dim", 1)))
     step = _chunk_size(n_draws, batch.n_bins, width)
@@ -147,6 +157,8 @@ def summarize_posterior(model: Any, guide: Any, recording: Recording, n_draws: i
                 x = x[..., rate_columns]
             lo, hi = np.quantile(x, q, axis=0)
             per_trial[site].append([x.mean(axis=0), lo, hi])
+            if keep_draws:
+                kept[site].append(x[:keep_draws].astype(np.float32))
             part = np.einsum("skti,kct->scti", x, weight[rows])  # draws of each condition's sum over trials
             sums[site] = part if sums[site] is None else sums[site] + part
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -165,13 +177,22 @@ def summarize_posterior(model: Any, guide: Any, recording: Recording, n_draws: i
         sq = np.einsum("ktu,kct->ctu", counts ** 2, weight) / n_obs[:, :, None]
         sem = np.sqrt(np.maximum(sq - psth ** 2, 0.0) / np.maximum(n_obs[:, :, None] - 1, 1))
         r_lo, r_hi = np.nanquantile(cond["rates"], q, axis=0)
+
+    def draws_of(site: str) -> Optional[np.ndarray]:
+        if not keep_draws:
+            return None
+        out = np.concatenate(kept[site], axis=1)
+        out[np.broadcast_to(pad[None], out.shape)] = np.nan
+        return out
+
     return PosteriorSummary(
         prob=prob, n_draws=n_draws,
         rates_mean=stacked("rates", 0), rates_lower=stacked("rates", 1), rates_upper=stacked("rates", 2),
         latents_mean=stacked("z", 0), latents_lower=stacked("z", 1), latents_upper=stacked("z", 2),
         conditions=conditions, trial_condition=trial_cond,
         cond_rates_mean=cond["rates"].mean(axis=0), cond_rates_lower=r_lo, cond_rates_upper=r_hi,
-        cond_latent_draws=cond["z"].astype(np.float32), psth=psth, psth_sem=sem, n_trials_observed=n_obs)
+        cond_latent_draws=cond["z"].astype(np.float32), psth=psth, psth_sem=sem, n_trials_observed=n_obs,
+        rates_draws=draws_of("rates"), latents_draws=draws_of("z"))
 
 
 def latent_components(summary: PosteriorSummary, k: int = 3, basis: str = "auto") -> Dict[str, Any]:
@@ -219,6 +240,12 @@ def to_inference_data(summary: PosteriorSummary, recording: Recording, attrs: Op
     NaN in padding) and ``constant_data`` (``observed``: 1 inside each trial; ``condition`` per trial;
     ``behavior`` when read). Coordinates: ``trial`` (the file's trial ids), ``time`` (bin centres in
     ms relative to the alignment event), ``unit`` (the file's unit ids), ``latent``, ``condition``.
+
+    When the summary kept draws (``keep_draws``, ``fit --save-draws N``), the ``posterior`` group
+    also holds them in ArviZ's convention: ``rates`` (chain, draw, trial, time, unit) and ``latents``
+    (chain, draw, trial, time, latent), one chain (independent draws of the guide, not a Markov
+    chain), so ``az.summary(idata, var_names=["rates"])``, ``az.hdi`` and ``az.plot_posterior`` work
+    on them.
     """
     dims3 = ("trial", "time", "unit")
     lat3 = ("trial", "time", "latent")
@@ -233,6 +260,11 @@ def to_inference_data(summary: PosteriorSummary, recording: Recording, attrs: Op
         "condition_rates_lower": (cond3, summary.cond_rates_lower.astype(np.float32)),
         "condition_rates_upper": (cond3, summary.cond_rates_upper.astype(np.float32)),
     }, coords={k: coords[k] for k in ("trial", "time", "unit", "latent", "condition")})
+    if summary.rates_draws is not None:
+        n = summary.rates_draws.shape[0]
+        posterior["rates"] = (("chain", "draw", *dims3), summary.rates_draws[None])
+        posterior["latents"] = (("chain", "draw", *lat3), summary.latents_draws[None])
+        posterior = posterior.assign_coords(chain=[0], draw=np.arange(n))
     posterior.attrs.update({"prob": summary.prob, "n_draws": summary.n_draws, "rates_units": "expected spikes per bin",
                             "bin_ms": recording.bin_ms, "time": f"bin centre, ms relative to {recording.align}",
                             **(attrs or {})})
