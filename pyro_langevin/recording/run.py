@@ -4,17 +4,21 @@
 
 1. ``spec.json``: the run spec (:class:`~pyro_langevin.recording.config.RecordingConfig`), the
    defaults chosen by the recording's size with the user's overrides applied.
-2. Co-smoothing cross-validation (``cv/``, :func:`cross_validate_recording`): K folds of the trials;
+2. With ``recipe="search"`` (the default), each fold's recipe is chosen first on the fold's other
+   trials (:mod:`~pyro_langevin.recording.recipes`: candidates scored by Poisson data thinning,
+   ASHA on Ray Tune), so the cross-validated score is that of the whole procedure; the final fit
+   uses the candidate that won the most folds (``metrics.json``: ``recipe``).
+3. Co-smoothing cross-validation (``cv/``, :func:`cross_validate_recording`): K folds of the trials;
    in each, a random ``cv.heldout_frac`` of the units is held out. The fold's model never sees its
    scored trials' held-out units (they enter training through their held-in spikes only), never
    chooses anything on them (an inner validation split picks its checkpoint), and is scored on them
    (co-bps; vel R^2 with behaviour), as the smoothing baseline is on the same split. The folds,
    members and scores are the core's (:mod:`pyro_langevin.crossval`), shared with the NLB wing.
-3. The fit (``checkpoints/``): the same recipe with every unit read by the guide, fitted on
+4. The fit (``checkpoints/``): the chosen recipe with every unit read by the guide, fitted on
    ``1 - eval.valid_frac`` of the trials, its checkpoint picked by the ELBO of the other trials
    (with no unit held out there is no co-bps to select on); loadable with
    :func:`~pyro_langevin.spec.load_run`.
-4. ``posterior.nc`` (:func:`~pyro_langevin.recording.summary.to_inference_data`), the figures
+5. ``posterior.nc`` (:func:`~pyro_langevin.recording.summary.to_inference_data`), the figures
    (:func:`~pyro_langevin.recording.figures.save_figures`) and ``metrics.json``.
 """
 
