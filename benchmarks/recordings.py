@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lfads-dir", default=os.environ.get("LFADS_TORCH_DIR"), help="an lfads-torch checkout")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny models and few epochs: a smoke run of the script")
+    p.add_argument("--refresh", action="store_true",
+                   help="rerun finished runs with resume (folds, searches and finished members are read back)")
     return p.parse_args(argv)
 
 
@@ -69,15 +71,20 @@ def _recording(name: str, out: Path):
     return rec, syn.rates, path
 
 
-def _run_ours(rec, truth, folder: Path, seed: int, recipe: str, quick: bool, workers: int) -> Dict[str, Any]:
+def _run_ours(rec, truth, folder: Path, seed: int, recipe: str, quick: bool, workers: int,
+              refresh: bool = False) -> Dict[str, Any]:
     import xarray as xr
 
     from pyro_langevin.recording.run import fit_recording
 
     metrics_file = folder / "metrics.json"
-    if not metrics_file.is_file():
+    if refresh and (folder / "checkpoints").is_dir():  # the final fit starts afresh; folds and searches are reused
+        import shutil
+
+        shutil.rmtree(folder / "checkpoints")
+    if refresh or not metrics_file.is_file():
         fit_recording(rec, folder, seed=seed, recipe=recipe, overrides=QUICK if quick else None, workers=workers,
-                      progress=False, log=lambda s: None)
+                      progress=False, resume=refresh and folder.is_dir(), log=lambda s: None)
     m = json.loads(metrics_file.read_text())
     row: Dict[str, Any] = {"seconds": m["seconds"]["total"], "recipe": m["recipe"]["winner"]}
     if m.get("cv"):
@@ -146,7 +153,7 @@ def main(argv=None) -> None:
                     row = _run_lfads(path, truth, folder, seed, args.lfads_python, args.lfads_dir)
                 else:
                     row = _run_ours(rec, truth, folder, seed, "search" if method == "search" else "default",
-                                    args.quick, args.workers)
+                                    args.quick, args.workers, args.refresh and method == "search")
                 rows.append(dict(row, recording=name, size=size, method=method, seed=seed))
                 print(f"  {json.dumps(rows[-1])}", flush=True)
                 import pandas as pd

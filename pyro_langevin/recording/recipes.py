@@ -42,7 +42,7 @@ from pyro_langevin.thinning import METRIC, thin, thinned_metric
 from pyro_langevin.training import fit
 
 __all__ = ["CANDIDATES", "KEEP", "RECIPE_MODES", "candidate_config", "fit_thinned", "search_recipe", "format_search",
-           "summarize_recipe_choice", "format_recipe_choice", "ray_for_search"]
+           "summarize_recipe_choice", "format_recipe_choice", "ray_for_search", "refit_config"]
 
 #: Candidate recipes: name -> dotted-key overrides of the sized defaults (``default``: none).
 CANDIDATES: Dict[str, Dict[str, Any]] = {
@@ -111,12 +111,14 @@ def _trainable(params: Dict[str, Any], ctx: _Context) -> None:
     torch.set_num_threads(ctx.threads)
     name, group = params["candidate"], int(params["set"])
     cfg = candidate_config(ctx.base, ctx.candidates[name])
-    best = {"score": -math.inf}
+    best = {"score": -math.inf, "epoch": -1}
 
     def report(epoch: int, record: Dict[str, float]) -> None:
         if METRIC in record:
-            best["score"] = max(best["score"], float(record[METRIC]))
-            tune.report({METRIC: float(record[METRIC]), "best": best["score"], "epoch": epoch + 1})
+            if float(record[METRIC]) > best["score"]:
+                best.update(score=float(record[METRIC]), epoch=epoch)
+            tune.report({METRIC: float(record[METRIC]), "best": best["score"], "best_epoch": best["epoch"],
+                         "epoch": epoch + 1})
 
     fit_thinned(ctx.recordings[group], cfg, keep=ctx.keep, seed=ctx.seed, device=ctx.device, callback=report)
     (Path(tune.get_context().get_trial_dir()) / "finished").touch()
@@ -221,6 +223,7 @@ def search_recipe(recordings: Sequence[Recording], base: RecordingConfig, out: P
             raise RuntimeError(f"recipe search: candidate {name!r} failed: {res.error}")
         m = res.metrics or {}
         tables[group][name] = {"overrides": cands[name], "score": float(m.get("best", math.nan)),
+                               "best_epoch": int(m.get("best_epoch", -1)),
                                "validations": int(m.get("training_iteration", 0)),
                                "stopped": (int(m.get("training_iteration", 0)) < max_t
                                            and not (Path(res.path) / "finished").is_file()),
@@ -261,7 +264,8 @@ def summarize_recipe_choice(searches: Sequence[Mapping[str, Any]],
         ``winner``, ``wins`` and ``mean_rank`` per candidate, ``scores`` (per candidate: mean and s.e.
         over searches of its thinned bits/spike, and the values), ``margin`` (the winner's score minus
         the runner-up's, paired per search: mean, s.e., and the runner-up's name), ``folds`` (each
-        search's winner) and ``keep``.
+        search's winner), ``keep`` and ``epochs``: how long the final fit trains (the median of the
+        winner's best epoch over the searches, :func:`refit_config`).
     """
     names = list(candidates)
     wins = {n: sum(s["winner"] == n for s in searches) for n in names}
@@ -280,7 +284,28 @@ def summarize_recipe_choice(searches: Sequence[Mapping[str, Any]],
         runner = sorted(others, key=lambda n: (-wins[n], mean_rank[n], -_finite(scores[n]["mean"])))[0]
         margin = {**_mean_se([a - b for a, b in zip(values[winner], values[runner])]), "runner_up": runner}
     return {"winner": winner, "wins": wins, "mean_rank": mean_rank, "scores": scores, "margin": margin,
-            "folds": [s["winner"] for s in searches], "keep": searches[0].get("keep", KEEP)}
+            "folds": [s["winner"] for s in searches], "keep": searches[0].get("keep", KEEP),
+            "epochs": _refit_epochs(searches, winner)}
+
+
+def _refit_epochs(searches: Sequence[Mapping[str, Any]], winner: str) -> Optional[int]:
+    """Epochs of the final fit: the median over searches of the winner's best epoch (+1), from the
+    searches that let it finish (all, if ASHA stopped it everywhere); None when none is known."""
+    runs = [s["candidates"][winner] for s in searches if s["candidates"][winner].get("best_epoch", -1) >= 0]
+    finished = [r for r in runs if not r.get("stopped")] or runs
+    if not finished:
+        return None
+    return int(round(float(np.median([r["best_epoch"] + 1 for r in finished]))))
+
+
+def refit_config(cfg: RecordingConfig, epochs: int) -> RecordingConfig:
+    """``cfg`` trained for ``epochs`` epochs with no validation: its ramps keep their length in epochs
+    (their fractions rescaled) and early stopping is off, so the refit follows the winner's own
+    search fit up to the epoch the thinned score chose."""
+    f = cfg.fit
+    scale = f.epochs / max(1, epochs)
+    return check_buildable(cfg.override({"fit.epochs": int(epochs), "fit.kl_ramp": f.kl_ramp * scale,
+                                         "fit.weight_decay_ramp": f.weight_decay_ramp * scale, "fit.patience": 0}))
 
 
 def _mean_se(values: Sequence[float]) -> Dict[str, float]:

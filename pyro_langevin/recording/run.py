@@ -4,17 +4,21 @@
 
 1. ``spec.json``: the run spec (:class:`~pyro_langevin.recording.config.RecordingConfig`), the
    defaults chosen by the recording's size with the user's overrides applied.
-2. Co-smoothing cross-validation (``cv/``, :func:`cross_validate_recording`): K folds of the trials;
+2. With ``recipe="search"`` (the default), each fold's recipe is chosen first on the fold's other
+   trials (:mod:`~pyro_langevin.recording.recipes`: candidates scored by Poisson data thinning,
+   ASHA on Ray Tune), so the cross-validated score is that of the whole procedure; the final fit
+   uses the candidate that won the most folds (``metrics.json``: ``recipe``).
+3. Co-smoothing cross-validation (``cv/``, :func:`cross_validate_recording`): K folds of the trials;
    in each, a random ``cv.heldout_frac`` of the units is held out. The fold's model never sees its
    scored trials' held-out units (they enter training through their held-in spikes only), never
    chooses anything on them (an inner validation split picks its checkpoint), and is scored on them
    (co-bps; vel R^2 with behaviour), as the smoothing baseline is on the same split. The folds,
    members and scores are the core's (:mod:`pyro_langevin.crossval`), shared with the NLB wing.
-3. The fit (``checkpoints/``): the same recipe with every unit read by the guide, fitted on
+4. The fit (``checkpoints/``): the chosen recipe with every unit read by the guide, fitted on
    ``1 - eval.valid_frac`` of the trials, its checkpoint picked by the ELBO of the other trials
    (with no unit held out there is no co-bps to select on); loadable with
    :func:`~pyro_langevin.spec.load_run`.
-4. ``posterior.nc`` (:func:`~pyro_langevin.recording.summary.to_inference_data`), the figures
+5. ``posterior.nc`` (:func:`~pyro_langevin.recording.summary.to_inference_data`), the figures
    (:func:`~pyro_langevin.recording.figures.save_figures`) and ``metrics.json``.
 """
 
@@ -22,7 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
@@ -47,6 +53,7 @@ from pyro_langevin.recording.recipes import (
     candidate_config,
     format_recipe_choice,
     ray_for_search,
+    refit_config,
     search_recipe,
     summarize_recipe_choice,
 )
@@ -112,7 +119,8 @@ def _resume_view(cfg: RecordingConfig, meta: Mapping[str, Any], ignore: Sequence
 
 
 def _candidate_keys(candidates: Mapping[str, Mapping[str, Any]]) -> List[str]:
-    return sorted({k for over in candidates.values() for k in over})
+    """What a recipe search may set: the candidates' keys, and the ramps a refit rescales."""
+    return sorted({k for over in candidates.values() for k in over} | {"fit.kl_ramp", "fit.weight_decay_ramp"})
 
 
 def check_resumable(out: Path, cfg: RecordingConfig, meta: Mapping[str, Any], ignore: Sequence[str] = ()) -> None:
@@ -220,28 +228,43 @@ def _searched(recording: Recording, scored: Sequence[np.ndarray], search: Search
 
 def fit_final(recording: Recording, cfg: RecordingConfig, out: Path, seed: int = 0, device: Any = "cpu", *,
               resume: bool = False, progress: bool = True, meta: Optional[Mapping[str, Any]] = None,
-              log: Callable[[str], None] = print):
-    """The fit every output comes from: every unit read by the guide, checkpoint picked by the validation
-    trials' ELBO, written to ``out/checkpoints``; returns ``(load_run(out), record)``."""
+              refit: bool = False, log: Callable[[str], None] = print):
+    """The fit every output comes from: every unit read by the guide, written to ``out/checkpoints``;
+    returns ``(load_run(out), record)``.
+
+    By default the checkpoint is picked by the ELBO of ``eval.valid_frac`` validation trials. With
+    ``refit`` (``cfg`` from :func:`~pyro_langevin.recording.recipes.refit_config`), every trial is
+    fitted for ``cfg.fit.epochs`` epochs and the last state kept: the epoch count the recipe search's
+    thinned score chose. A validation ELBO cannot stand in for it: the guide reads the validation
+    trials' spikes, so an ELBO rewards a model that copies them into its rates.
+    """
     final = dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, seed=seed, select_on="val_loss", select_mode="min"))
     batch = recording.batch()
-    fit_trials, valid = split_train_valid(batch, cfg.eval.valid_frac, seed)
+    if refit:
+        fit_trials, valid = batch, None
+    else:
+        fit_trials, valid = split_train_valid(batch, cfg.eval.valid_frac, seed)
     model, guide = build(final, recording.n_units, recording.n_units)
     last = out / "checkpoints" / "last.pt"
     resume_from = last if resume and last.is_file() else None
-    log(f"fit: {fit_trials.n_trials} trials, {valid.n_trials} validation trials (checkpoint by their ELBO), "
-        f"every unit read; {final.fit.epochs} epochs at most" + (" (resumed)" if resume_from else ""))
+    log((f"fit: every trial ({fit_trials.n_trials}) for {final.fit.epochs} epochs (the chosen recipe's epochs in its "
+         "search), every unit read" if refit else
+         f"fit: {fit_trials.n_trials} trials, {valid.n_trials} validation trials (checkpoint by their ELBO), "
+         f"every unit read; {final.fit.epochs} epochs at most") + (" (resumed)" if resume_from else ""))
     t0 = time.perf_counter()
     result = fit(model, guide, fit_trials, valid, final.fit, device=device, checkpoint_dir=out / "checkpoints",
                  resume=resume_from, progress=progress,
                  meta=run_meta(final, recording.n_units, recording.n_units, **dict(meta or {}), role="fit"))
     seconds = time.perf_counter() - t0
+    if refit:  # the last state is the selected one
+        shutil.copyfile(out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt")
     loaded = load_run(out, "best", map_location=device)
     best = loaded.checkpoint
-    record = {"best_epoch": int(best["best_epoch"]), "best_val_loss": float(best["best_metric"]),
+    record = {"best_epoch": len(result.history) - 1 if refit else int(best["best_epoch"]),
+              "best_val_loss": math.nan if refit else float(best["best_metric"]), "refit": refit,
               "epochs_run": len(result.history), "stopped_early": bool(result.stopped_early),
               "fit_seconds": round(seconds, 1), "n_fit_trials": fit_trials.n_trials,
-              "valid_trials": [recording.trial_ids[i].item() for i in valid.index.tolist()]}
+              "valid_trials": [] if refit else [recording.trial_ids[i].item() for i in valid.index.tolist()]}
     return loaded, record
 
 
@@ -329,12 +352,14 @@ def fit_recording(recording: Recording, out: PathLike, *, config: Optional[Recor
                 recording, [np.zeros(0, int)], search, [out / "recipe"], resume, log)
             choice = summarize_recipe_choice(searches, cands)
             final_cfg = candidate_config(cfg, cands[choice["winner"]])
+            if choice["epochs"]:
+                final_cfg = refit_config(final_cfg, choice["epochs"])
             log(f"recipe: {format_recipe_choice(choice)}")
             (out / "spec.json").write_text(json.dumps(final_cfg.to_dict(), indent=2))
     cv_seconds = time.perf_counter() - t_cv
     t_fit = time.perf_counter()
     (model, guide, _, _), final = fit_final(recording, final_cfg, out, seed, dev, resume=resume, progress=progress,
-                                            meta=meta, log=log)
+                                            meta=meta, refit=bool(choice and choice["epochs"]), log=log)
     n_draws = max(cfg.eval.export_draws, save_draws)
     log(f"posterior: {n_draws} draws of every trial's rates and latents"
         + (f" ({save_draws} kept in posterior.nc)" if save_draws else "") + " ...")
@@ -409,8 +434,13 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
     elif r:
         lines.append("recipe   the sized defaults (--recipe default: no search)")
     f = metrics["fit"]
-    lines.append(f"fit      {f['epochs_run']} epochs ({'stopped early' if f['stopped_early'] else 'all'}), best at epoch "
-                 f"{f['best_epoch']} (validation loss {f['best_val_loss']:.4f}: negative ELBO per count, nats), {f['fit_seconds']:.0f} s")
+    if f.get("refit"):
+        lines.append(f"fit      {f['epochs_run']} epochs on every trial (the chosen recipe's best epoch in its searches), "
+                     f"{f['fit_seconds']:.0f} s")
+    else:
+        lines.append(f"fit      {f['epochs_run']} epochs ({'stopped early' if f['stopped_early'] else 'all'}), best at epoch "
+                     f"{f['best_epoch']} (validation loss {f['best_val_loss']:.4f}: negative ELBO per count, nats), "
+                     f"{f['fit_seconds']:.0f} s")
     o = metrics["outputs"]
     lines.append(f"wrote    {o['spec']}, {o['checkpoints']}/ (load_run), {o['posterior']}, {o['metrics']}")
     lines.append(f"         figures: {', '.join(Path(p).name for p in o['figures'].values())}")
