@@ -209,6 +209,7 @@ def ais_log_weights(
     num_leapfrog: int = 5,
     step_sizes: Optional[torch.Tensor] = None,
     adapt_chains: int = 4,
+    pilot_steps: int = 100,
     init_step_size: float = 0.05,
     target_accept: float = 0.65,
     sharpness: float = 4.0,
@@ -237,6 +238,10 @@ def ais_log_weights(
         ``adapt_chains`` chains tunes them first.
     adapt_chains : int
         Chains of the pilot run (their weights are discarded).
+    pilot_steps : int
+        Temperatures of the pilot run (at most ``num_steps``): a good step size depends on
+        ``beta`` only, so a coarser pilot schedule tunes it at a fraction of the cost and its log
+        step sizes are interpolated (linearly in ``beta``) onto the run's schedule.
     init_step_size, target_accept : float
         Dual averaging's starting step size and target acceptance probability.
     sharpness : float
@@ -254,11 +259,26 @@ def ais_log_weights(
         raise ValueError("reverse_from: a reverse run needs the forward run's step_sizes (the same kernels)")
     with pyro.validation_enabled(False):
         if step_sizes is None:
-            pilot = _run(model, guide, batch, adapt_chains, betas, None, num_leapfrog, None, init_step_size,
+            pilot_betas = sigmoid_schedule(min(num_steps, pilot_steps), sharpness)
+            pilot = _run(model, guide, batch, adapt_chains, pilot_betas, None, num_leapfrog, None, init_step_size,
                          target_accept)
-            step_sizes = pilot.step_sizes
+            step_sizes = _interpolate_step_sizes(pilot, betas)
         return _run(model, guide, batch, num_chains, betas, step_sizes.to(batch.device), num_leapfrog, reverse_from,
                     init_step_size, target_accept)
+
+
+def _interpolate_step_sizes(pilot: AISRun, betas: np.ndarray) -> torch.Tensor:
+    """The pilot's step sizes at the temperatures ``betas`` (log-linear in beta, per trial; NaN at both ends)."""
+    inner = slice(1, len(pilot.betas) - 1)
+    out = torch.full((len(betas), pilot.step_sizes.shape[1]), float("nan"), dtype=pilot.step_sizes.dtype)
+    if len(betas) < 3:
+        return out  # no transitions to run
+    if len(pilot.betas) < 3:
+        raise ValueError("pilot_steps must be >= 2 (a pilot run needs a transition to tune) when num_steps >= 2")
+    log_steps = pilot.step_sizes[inner].log().cpu().numpy()
+    for i in range(log_steps.shape[1]):
+        out[1:-1, i] = torch.from_numpy(np.exp(np.interp(betas[1:-1], pilot.betas[inner], log_steps[:, i])))
+    return out
 
 
 def _run(model: Callable, guide: Callable, batch: Batch, chains: int, betas: np.ndarray, step_sizes: Optional[torch.Tensor],

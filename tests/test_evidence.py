@@ -282,8 +282,9 @@ AIS = {"num_leapfrog": 2, "adapt_chains": 4}
 
 
 def equal_compute_draws(num_chains: int, num_steps: int, num_leapfrog: int = 2, adapt_chains: int = 4) -> int:
-    """IWAE draws costing what AIS costs: each leapfrog step's gradient counted as three model + guide
-    passes (a forward and a backward), pilot chains included."""
+    """IWAE draws costing at least what AIS costs: each gradient evaluation (``L + 1`` per transition)
+    counted as three model + guide passes (a forward and a backward), the pilot chains as if they ran
+    the full schedule (they run at most 100 temperatures): generous to the IWAE."""
     return 3 * (num_chains + adapt_chains) * (num_steps - 1) * (num_leapfrog + 1)
 
 
