@@ -260,7 +260,8 @@ def test_example_compare_quick(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(root / "examples" / "compare.py"), "--quick", "--no-progress",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=root)
+                           "--ais", "3", "--ais-trials", "2", "--ais-chains", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     table = pd.read_csv(out / "compare.csv")
@@ -271,6 +272,11 @@ def test_example_compare_quick(tmp_path):
     assert sorted(pooled["model"]) == ["mlp", "oscillators", "zero"] and (pooled["n_trials"] == 75).all()
     assert np.isfinite(pooled[required[1:]].to_numpy(dtype=float)).all()
     assert (out / "compare.png").is_file() and summary["figure"] == str(out / "compare.png")
+    ais = json.loads((out / "ais.json").read_text())  # fold-0 fits rescored by AIS, and BDMC on simulated trials
+    assert {(r["dataset"], r["prior"]) for r in ais} == {(d, p) for d in ("lorenz", "mc_maze_small")
+                                                         for p in ("oscillators", "zero", "mlp")}
+    assert all(r["trials"] == 2 and np.isfinite([r["ais_total"], r["bdmc_gap_total"]]).all() for r in ais)
+    assert "AIS - IWAE" in (out / "ais.md").read_text()
     rerun = subprocess.run([sys.executable, str(root / "examples" / "compare.py"), "--quick", "--no-progress",
                             "--out", str(out)], capture_output=True, text=True, timeout=60, cwd=root)
     assert rerun.returncode == 2 and "--resume" in rerun.stderr  # an earlier run is never replaced silently
