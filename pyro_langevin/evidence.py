@@ -607,6 +607,14 @@ def _footing(ev: Evidence) -> dict[str, Any]:
             "units": ev.units}
 
 
+def _difference(key: str, value: Any, reference: Any) -> str:
+    if key != "trials":
+        return f"{value} vs {reference}"
+    if len(value) != len(reference):
+        return f"{len(value)} trials vs {len(reference)}"
+    return "other trial ids or order"
+
+
 def check_same_footing(results: Mapping[str, Evidence]) -> None:
     """Raise one ``ValueError`` listing every way the evidences differ from the first one's footing:
     trial set and order, quantity, method, bin layout and neuron counts, bin width, unit ids.
@@ -618,14 +626,9 @@ def check_same_footing(results: Mapping[str, Evidence]) -> None:
     first = _footing(results[names[0]])
     problems = []
     for name in names[1:]:
-        mine = _footing(results[name])
-        for key, value in mine.items():
+        for key, value in _footing(results[name]).items():
             if value != first[key]:
-                shown = (f"{len(value)} trials" if key == "trials" and value is not None else value,
-                         f"{len(first[key])} trials" if key == "trials" and first[key] is not None else first[key])
-                if key == "trials" and len(value) == len(first[key]):
-                    shown = ("other trial ids or order", "")
-                problems.append(f"{name!r} differs from {names[0]!r} in {key}: {shown[0]} vs {shown[1]}".rstrip(" vs"))
+                problems.append(f"{name!r} differs from {names[0]!r} in {key}: {_difference(key, value, first[key])}")
     if problems:
         raise ValueError("compare: the evidences are not on the same footing (paired differences need the same "
                          "trials, quantity, method, binning and units): " + "; ".join(problems))
@@ -633,14 +636,13 @@ def check_same_footing(results: Mapping[str, Evidence]) -> None:
 
 def _evidences(models: Mapping[str, Union[Evidence, tuple[Callable, Callable]]], batch: Optional[Batch],
                evidence_kwargs: Mapping[str, Any]) -> dict[str, Evidence]:
-    """Each model's evidence: given, or computed on ``batch`` (warnings named by model)."""
+    """Each model's evidence: given, or computed on ``batch`` (k-hat warnings left to the caller)."""
     if not models:
         raise ValueError("models: give at least one name -> (model, guide) or Evidence")
     results: dict[str, Evidence] = {}
     for name, item in models.items():
         if isinstance(item, Evidence):
             results[name] = item
-            _warn_khat(item, name)
             continue
         if batch is None:
             raise ValueError(f"models[{name!r}]: a (model, guide) pair needs the batch to score it on")
@@ -649,10 +651,7 @@ def _evidences(models: Mapping[str, Union[Evidence, tuple[Callable, Callable]]],
         except (TypeError, ValueError):
             raise TypeError(f"models[{name!r}]: expected a (model, guide) pair or an Evidence, got "
                             f"{type(item).__name__}") from None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # warned below, with the model's name
-            results[name] = log_evidence(model, guide, batch, **evidence_kwargs)
-        _warn_khat(results[name], name)
+        results[name] = log_evidence(model, guide, batch, **{**evidence_kwargs, "warn": False})
     return results
 
 
@@ -691,6 +690,8 @@ def compare(
     """
     results = _evidences(models, batch, evidence_kwargs)
     check_same_footing(results)
+    for name, ev in results.items():
+        _warn_khat(ev, name)
     first = next(iter(results.values()))
     order = sorted(results, key=lambda k: -results[k].total())
     best = results[order[0]]
