@@ -277,6 +277,8 @@ def test_example_compare_quick(tmp_path):
                                                          for p in ("oscillators", "zero", "mlp")}
     assert all(r["trials"] == 2 and np.isfinite([r["ais_total"], r["bdmc_gap_total"]]).all() for r in ais)
     assert "AIS - IWAE" in (out / "ais.md").read_text()
+    spread = [r for r in summary["score_spread"] if r["score"] == "co_bps"]  # held-out folds' co-bps, per prior
+    assert {r["prior"] for r in spread} == {"zero", "mlp"} and all(len(r["per_fold"]) == 2 for r in spread)
     rerun = subprocess.run([sys.executable, str(root / "examples" / "compare.py"), "--quick", "--no-progress",
                             "--out", str(out)], capture_output=True, text=True, timeout=60, cwd=root)
     assert rerun.returncode == 2 and "--resume" in rerun.stderr  # an earlier run is never replaced silently
