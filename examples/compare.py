@@ -107,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ais-trials", type=positive_int, default=8, help="held-out (and simulated) trials for --ais")
     p.add_argument("--ais-chains", type=positive_int, default=8, help="AIS chains per trial for --ais")
     p.add_argument("--ais-leapfrog", type=positive_int, default=5, help="leapfrog steps per HMC transition for --ais")
+    p.add_argument("--ais-folds", default="0", help="comma-separated folds whose fits --ais rescores (default 0)")
+    p.add_argument("--bdmc", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --ais, also run bidirectional Monte Carlo on simulated trials (default: on)")
     p.add_argument("--data-dir", type=Path, default=ROOT / "tests" / "data",
                    help="folder holding mc_maze_small-05ms-val/ or the DANDI files (default: the repository's tests/data)")
     return p.parse_args(argv)
@@ -241,10 +244,10 @@ def format_k_trend(rows: list[dict[str, Any]]) -> str:
 
 
 def ais_check(tasks: list[Task], args: argparse.Namespace, out: Path, particles: int) -> list[dict[str, Any]]:
-    """Each dataset's fold-0 fits, reloaded from ``best.pt``: AIS and the IWAE on the first
-    ``--ais-trials`` held-out trials, and BDMC on as many trials simulated from the fit."""
+    """The fits of ``--ais-folds``, reloaded from ``best.pt``: AIS and the IWAE on the first
+    ``--ais-trials`` held-out trials, and (``--bdmc``) BDMC on as many trials simulated from the fit."""
     rows, options = [], {"num_leapfrog": args.ais_leapfrog}
-    for task in (t for t in tasks if t.fold == 0):
+    for task in (t for t in tasks if t.fold in args.ais_folds):
         model, guide = build(task.spec, task.train.n_neurons, task.train.n_heldin)
         restore_checkpoint(out / task.key / "checkpoints" / "best.pt", model, guide)
         trials = task.evidence[:args.ais_trials]
@@ -255,26 +258,28 @@ def ais_check(tasks: list[Task], args: argparse.Namespace, out: Path, particles:
             ais = log_evidence(model, guide, trials, args.ais_chains, method="ais", num_steps=args.ais,
                                max_tiled=trials.n_trials * args.ais_chains, ais_options=options, seed=args.seed)
             check = bdmc(model, guide, trials, args.ais_chains, args.ais, iwae_particles=(particles,),
-                         ais_options=options, seed=args.seed)
-        low, high = check.iwae_bias(particles)
-        rows.append({"dataset": task.dataset, "prior": task.prior, "trials": trials.n_trials, "steps": args.ais,
+                         ais_options=options, seed=args.seed) if args.bdmc else None
+        low, high = check.iwae_bias(particles) if check is not None else (np.full(1, np.nan), np.full(1, np.nan))
+        rows.append({"dataset": task.dataset, "fold": task.fold, "prior": task.prior, "trials": trials.n_trials,
+                     "steps": args.ais,
                      "chains": args.ais_chains, "leapfrog": args.ais_leapfrog, "K": particles,
-                     "iwae": iwae.to_dict(), "ais": ais.to_dict(), "bdmc": check.summary(),
+                     "iwae": iwae.to_dict(), "ais": ais.to_dict(), "bdmc": None if check is None else check.summary(),
                      "iwae_total": iwae.total(), "ais_total": ais.total(),
                      "ais_minus_iwae": float(ais.total() - iwae.total()),
                      "ais_mc_se": float(np.sqrt(np.sum(ais.mc_se ** 2))),
-                     "bdmc_gap_total": float(check.gap.sum()), "sim_iwae_bias_total": [float(low.sum()), float(high.sum())],
-                     "seconds": {"iwae": iwae.seconds, "ais": ais.seconds, **check.seconds}})
+                     "bdmc_gap_total": float(check.gap.sum()) if check is not None else float("nan"),
+                     "sim_iwae_bias_total": [float(low.sum()), float(high.sum())],
+                     "seconds": {"iwae": iwae.seconds, "ais": ais.seconds, **(check.seconds if check is not None else {})}})
     return rows
 
 
 def format_ais(rows: list[dict[str, Any]]) -> str:
     """Per dataset and prior: IWAE and AIS totals on the real trials, and the BDMC numbers."""
-    lines = ["| dataset | prior | trials | S x C x L | IWAE (K) | AIS +- mc_se | AIS - IWAE | BDMC gap (sim.) "
-             "| IWAE bias bracket (sim.) | AIS s |", "|" + "---|" * 10]
+    lines = ["| dataset | fold | prior | trials | S x C x L | IWAE (K) | AIS +- mc_se | AIS - IWAE | BDMC gap (sim.) "
+             "| IWAE bias bracket (sim.) | AIS s |", "|" + "---|" * 11]
     for r in rows:
         lo, hi = r["sim_iwae_bias_total"]
-        lines.append(f"| {r['dataset']} | {r['prior']} | {r['trials']} | {r['steps']} x {r['chains']} x {r['leapfrog']} "
+        lines.append(f"| {r['dataset']} | {r.get('fold', 0)} | {r['prior']} | {r['trials']} | {r['steps']} x {r['chains']} x {r['leapfrog']} "
                      f"| {r['iwae_total']:.1f} ({r['K']}) | {r['ais_total']:.1f} +- {r['ais_mc_se']:.1f} "
                      f"| {r['ais_minus_iwae']:.1f} | {r['bdmc_gap_total']:.1f} | [{lo:.1f}, {hi:.1f}] "
                      f"| {r['seconds']['ais']:.0f} |")
@@ -382,6 +387,10 @@ def run(args: argparse.Namespace, session: Session) -> dict[str, Any]:
         raise OptionError(f"--k-trend: expected comma-separated integers, got {args.k_trend!r}") from None
     if any(k < 1 for k in ks):
         raise OptionError(f"--k-trend: every K must be >= 1, got {args.k_trend!r}")
+    try:
+        args.ais_folds = sorted({int(f) for f in args.ais_folds.split(",") if f.strip()})
+    except ValueError:
+        raise OptionError(f"--ais-folds: expected comma-separated fold numbers, got {args.ais_folds!r}") from None
     if args.fit_folds is not None:
         try:
             args.fit_folds = sorted({int(f) for f in args.fit_folds.split(",") if f.strip()})
