@@ -21,7 +21,9 @@ particle) and ``mlp`` (a learned MLP potential); same guide, budget and seed for
 For every fit the evidence is computed with K guide draws per trial (``--particles``) for two
 quantities from the same draws: ``joint`` (log p(x) of all of a trial's counts: the number to
 compare priors with) and ``heldout`` (log p(held-out neurons and forward bins | held-in spikes):
-the co-smoothing analogue). ``--k-trend 250,1000,4000`` rescores the fold-0 fits of every prior
+co-smoothing and forward prediction together). For MC_Maze_Small each fold's held-out trials are
+also scored by co-bps and fp-bps of posterior-mean rates (bias-free; ``score_spread`` in the summary
+gives the per-fold differences to the oscillators, mean +- s.e. over folds). ``--k-trend 250,1000,4000`` rescores the fold-0 fits of every prior
 (reloaded from their ``best.pt``) with each K, so one sees whether the totals and their differences
 still move with K (``k_trend.json`` and a table). That cannot show how far the IWAE still is from
 log p(x): ``--ais S`` rescores the fold-0 fits of every prior with annealed importance sampling
