@@ -21,9 +21,17 @@ particle) and ``mlp`` (a learned MLP potential); same guide, budget and seed for
 For every fit the evidence is computed with K guide draws per trial (``--particles``) for two
 quantities from the same draws: ``joint`` (log p(x) of all of a trial's counts: the number to
 compare priors with) and ``heldout`` (log p(held-out neurons and forward bins | held-in spikes):
-the co-smoothing analogue). ``--k-trend 250,1000,4000`` rescores the fold-0 fits of every prior
+co-smoothing and forward prediction together). For MC_Maze_Small each fold's held-out trials are
+also scored by co-bps and fp-bps of posterior-mean rates (bias-free; ``score_spread`` in the summary
+gives the per-fold differences to the oscillators, mean +- s.e. over folds). ``--k-trend 250,1000,4000`` rescores the fold-0 fits of every prior
 (reloaded from their ``best.pt``) with each K, so one sees whether the totals and their differences
-still move with K (``k_trend.json`` and a table).
+still move with K (``k_trend.json`` and a table). That cannot show how far the IWAE still is from
+log p(x): ``--ais S`` rescores the fold-0 fits of every prior with annealed importance sampling
+(S temperatures, ``--ais-chains`` chains) on the first ``--ais-trials`` held-out trials, beside the
+IWAE of the same trials (AIS - IWAE is a lower bound of the IWAE's bias on real trials), and runs
+bidirectional Monte Carlo on as many trials simulated from each fitted model (the AIS schedule's
+gap, and the IWAE's bias bracket at K): ``ais.json`` and ``ais.md``. ``--fit-folds 0`` fits only
+the listed folds (e.g. for ``--ais`` alone).
 
 Outputs in ``--out``: ``results.json`` (per-trial numbers of every fit, written after each),
 ``compare.csv`` (one row per dataset, fold, quantity and model, and pooled rows with fold
@@ -35,6 +43,7 @@ Run::
     python examples/compare.py --quick                     # smoke run: runs/compare-quick
     python examples/compare.py                             # ~40 min on 2 CPU cores: runs/compare
     python examples/compare.py --datasets mc_maze_small --folds 3 --particles 1000 --data-dir /path/to/data
+    python examples/compare.py --datasets mc_maze_small --fit-folds 0 --ais 200 --ais-trials 8  # AIS + BDMC
 
 The last line printed is a JSON summary. An ``--out`` holding an earlier run needs ``--resume``
 (keep its finished fits; an interrupted fit continues from its ``last.pt``) or ``--overwrite``.
@@ -60,6 +69,7 @@ from pyro_langevin.batch import Batch
 from pyro_langevin.console import Session, run_command
 from pyro_langevin.data.lorenz import make_lorenz
 from pyro_langevin.data.splits import build_training_batch, kfold_indices, split_train_valid
+from pyro_langevin.bdmc import bdmc
 from pyro_langevin.evidence import Evidence, compare, format_compare, log_evidence
 from pyro_langevin.options import ArgumentParser, OptionError, add_run_arguments, check_run_options, positive_int
 from pyro_langevin.plots import plot_evidence_compare
@@ -92,6 +102,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--particles", type=positive_int, default=None, help="guide draws per trial K (default 1000, quick 50)")
     p.add_argument("--k-trend", default=None,
                    help="comma-separated K values: rescore each dataset's fold-0 fits with each (e.g. 250,1000,4000)")
+    p.add_argument("--fit-folds", default=None,
+                   help="comma-separated MC_Maze_Small folds to fit (default: all); the others are skipped")
+    p.add_argument("--ais", type=positive_int, default=None,
+                   help="AIS temperatures S: rescore each dataset's fold-0 fits by AIS and run BDMC (ais.json)")
+    p.add_argument("--ais-trials", type=positive_int, default=8, help="held-out (and simulated) trials for --ais")
+    p.add_argument("--ais-chains", type=positive_int, default=8, help="AIS chains per trial for --ais")
+    p.add_argument("--ais-leapfrog", type=positive_int, default=5, help="leapfrog steps per HMC transition for --ais")
+    p.add_argument("--ais-folds", default="0", help="comma-separated folds whose fits --ais rescores (default 0)")
+    p.add_argument("--bdmc", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --ais, also run bidirectional Monte Carlo on simulated trials (default: on)")
     p.add_argument("--data-dir", type=Path, default=ROOT / "tests" / "data",
                    help="folder holding mc_maze_small-05ms-val/ or the DANDI files (default: the repository's tests/data)")
     return p.parse_args(argv)
@@ -153,6 +173,8 @@ def mc_maze_tasks(args: argparse.Namespace, priors: list[str], epochs: int | Non
     train20 = coarsen_batch(data.train, 4)  # training trials only; the validation trials are never read
     tasks = []
     for f, part in enumerate(kfold_indices(train20.n_trials, folds, args.seed)):
+        if args.fit_folds is not None and f not in args.fit_folds:
+            continue
         rest = torch.as_tensor(np.setdiff1d(np.arange(train20.n_trials), part))
         fit_trials, select = split_train_valid(train20[rest], 0.2, args.seed + f)
         for p in priors:
@@ -180,7 +202,9 @@ def run_task(task: Task, args: argparse.Namespace, out: Path, device, particles:
         warnings.simplefilter("ignore", RuntimeWarning)  # k-hat is in the record and the table
         ev = log_evidence(model, guide, task.evidence, particles, quantity="heldout", seed=args.seed,
                           progress=not args.no_progress)
-    return {"key": task.key, "dataset": task.dataset, "fold": task.fold, "prior": task.prior,
+    # the bias-free predictive score of the same held-out trials: co-bps of posterior-mean rates
+    scores = task.metric_fn(model, guide, task.evidence) if task.metric_fn is not None else {}
+    return {"scores": scores, "key": task.key, "dataset": task.dataset, "fold": task.fold, "prior": task.prior,
             "fit_seconds": result.seconds, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
             "evidence_seconds": ev.seconds, "n_fit_trials": task.train.n_trials, "n_evidence_trials": task.evidence.n_trials,
             "joint": ev.joint.to_dict(), "heldout": ev.to_dict()}
@@ -218,6 +242,49 @@ def format_k_trend(rows: list[dict[str, Any]]) -> str:
                 sec = next(r["seconds"] for r in mine if r["prior"] == prior)
                 lines.append(f"| {dataset} | {k} | {prior} | {c['elpd']:.1f} | {c['d_elpd']:.1f} +- {c['dse']:.1f} "
                              f"| {c['frac_khat_gt_0_7']:.2f} | {sec:.1f} |")
+    return "\n".join(lines)
+
+
+def ais_check(tasks: list[Task], args: argparse.Namespace, out: Path, particles: int) -> list[dict[str, Any]]:
+    """The fits of ``--ais-folds``, reloaded from ``best.pt``: AIS and the IWAE on the first
+    ``--ais-trials`` held-out trials, and (``--bdmc``) BDMC on as many trials simulated from the fit."""
+    rows, options = [], {"num_leapfrog": args.ais_leapfrog}
+    for task in (t for t in tasks if t.fold in args.ais_folds):
+        model, guide = build(task.spec, task.train.n_neurons, task.train.n_heldin)
+        restore_checkpoint(out / task.key / "checkpoints" / "best.pt", model, guide)
+        trials = task.evidence[:args.ais_trials]
+        print(f"== ais {task.key}: S={args.ais} on {trials.n_trials} trials", file=sys.stderr, flush=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            iwae = log_evidence(model, guide, trials, particles, seed=args.seed)
+            ais = log_evidence(model, guide, trials, args.ais_chains, method="ais", num_steps=args.ais,
+                               max_tiled=trials.n_trials * args.ais_chains, ais_options=options, seed=args.seed)
+            check = bdmc(model, guide, trials, args.ais_chains, args.ais, iwae_particles=(particles,),
+                         ais_options=options, seed=args.seed) if args.bdmc else None
+        low, high = check.iwae_bias(particles) if check is not None else (np.full(1, np.nan), np.full(1, np.nan))
+        rows.append({"dataset": task.dataset, "fold": task.fold, "prior": task.prior, "trials": trials.n_trials,
+                     "steps": args.ais,
+                     "chains": args.ais_chains, "leapfrog": args.ais_leapfrog, "K": particles,
+                     "iwae": iwae.to_dict(), "ais": ais.to_dict(), "bdmc": None if check is None else check.summary(),
+                     "iwae_total": iwae.total(), "ais_total": ais.total(),
+                     "ais_minus_iwae": float(ais.total() - iwae.total()),
+                     "ais_mc_se": float(np.sqrt(np.sum(ais.mc_se ** 2))),
+                     "bdmc_gap_total": float(check.gap.sum()) if check is not None else float("nan"),
+                     "sim_iwae_bias_total": [float(low.sum()), float(high.sum())],
+                     "seconds": {"iwae": iwae.seconds, "ais": ais.seconds, **(check.seconds if check is not None else {})}})
+    return rows
+
+
+def format_ais(rows: list[dict[str, Any]]) -> str:
+    """Per dataset and prior: IWAE and AIS totals on the real trials, and the BDMC numbers."""
+    lines = ["| dataset | fold | prior | trials | S x C x L | IWAE (K) | AIS +- mc_se | AIS - IWAE | BDMC gap (sim.) "
+             "| IWAE bias bracket (sim.) | AIS s |", "|" + "---|" * 11]
+    for r in rows:
+        lo, hi = r["sim_iwae_bias_total"]
+        lines.append(f"| {r['dataset']} | {r.get('fold', 0)} | {r['prior']} | {r['trials']} | {r['steps']} x {r['chains']} x {r['leapfrog']} "
+                     f"| {r['iwae_total']:.1f} ({r['K']}) | {r['ais_total']:.1f} +- {r['ais_mc_se']:.1f} "
+                     f"| {r['ais_minus_iwae']:.1f} | {r['bdmc_gap_total']:.1f} | [{lo:.1f}, {hi:.1f}] "
+                     f"| {r['seconds']['ais']:.0f} |")
     return "\n".join(lines)
 
 
@@ -286,6 +353,26 @@ def fold_spread(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
+def score_spread(rows: list[dict[str, Any]], reference: str = "oscillators") -> list[dict[str, Any]]:
+    """Per dataset, score (co-bps, fp-bps) and prior: the reference prior minus it on each fold's
+    held-out trials, with the mean +- s.e. over folds (a fit-level error: each fold is its own fit)."""
+    out = []
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        mine = [r for r in rows if r["dataset"] == dataset and r.get("scores")]
+        by = {(r["fold"], r["prior"]): r["scores"] for r in mine}
+        for score in ("co_bps", "fp_bps"):
+            for prior in dict.fromkeys(r["prior"] for r in mine if r["prior"] != reference):
+                diffs = [by[f, reference][score] - by[f, prior][score] for f in sorted({r["fold"] for r in mine})
+                         if (f, reference) in by and (f, prior) in by and score in by[f, prior]]
+                if not diffs:
+                    continue
+                se = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
+                out.append({"dataset": dataset, "score": score, "reference": reference, "prior": prior,
+                            "per_fold": diffs, "mean": float(np.mean(diffs)), "se_folds": se,
+                            "folds_reference_ahead": int(sum(d > 0 for d in diffs))})
+    return out
+
+
 def run(args: argparse.Namespace, session: Session) -> dict[str, Any]:
     """Check the options, run every fit not yet finished, write the tables and figure."""
     datasets = names(args.datasets, DATASETS, "--datasets")
@@ -302,6 +389,17 @@ def run(args: argparse.Namespace, session: Session) -> dict[str, Any]:
         raise OptionError(f"--k-trend: expected comma-separated integers, got {args.k_trend!r}") from None
     if any(k < 1 for k in ks):
         raise OptionError(f"--k-trend: every K must be >= 1, got {args.k_trend!r}")
+    try:
+        args.ais_folds = sorted({int(f) for f in args.ais_folds.split(",") if f.strip()})
+    except ValueError:
+        raise OptionError(f"--ais-folds: expected comma-separated fold numbers, got {args.ais_folds!r}") from None
+    if args.fit_folds is not None:
+        try:
+            args.fit_folds = sorted({int(f) for f in args.fit_folds.split(",") if f.strip()})
+        except ValueError:
+            raise OptionError(f"--fit-folds: expected comma-separated fold numbers, got {args.fit_folds!r}") from None
+        if not args.fit_folds or any(not 0 <= f < folds for f in args.fit_folds):
+            raise OptionError(f"--fit-folds: folds are 0 .. {folds - 1}, got {args.fit_folds}")
     opts = session.options = check_run_options(args, "compare")
     out, device = opts.out, opts.device
     if "mc_maze_small" in datasets and not args.data_dir.exists():
@@ -343,6 +441,14 @@ def run(args: argparse.Namespace, session: Session) -> dict[str, Any]:
         text = format_k_trend(trend)
         (out / "k_trend.md").write_text(text + "\n")
         print(text, file=sys.stderr)
+    checks: list[dict[str, Any]] = []
+    if args.ais:
+        checks = ais_check(tasks, args, out, particles)
+        with atomic_path(out / "ais.json") as tmp:
+            tmp.write_text(json.dumps(checks))
+        text = format_ais(checks)
+        (out / "ais.md").write_text(text + "\n")
+        print(text, file=sys.stderr)
     figure = None
     if pooled:
         fig = plot_evidence_compare(pooled, title="priors weighed by held-out log evidence")
@@ -356,6 +462,9 @@ def run(args: argparse.Namespace, session: Session) -> dict[str, Any]:
         "pooled": {d: t.reset_index()[["model", "elpd", "se", "d_elpd", "dse", "khat_max", "frac_khat_gt_0_7",
                                        "bits_per_spike"]].to_dict("records") for d, t in pooled.items()},
         "fold_spread": fold_spread(frame),
+        "scores": [{k: r.get("scores", {}).get(k) for k in ("co_bps", "fp_bps")} | {"key": r["key"]} for r in rows],
+        "score_spread": score_spread(rows) if "oscillators" in priors else [],
+        "ais": [{k: r[k] for k in r if k not in ("iwae", "ais", "bdmc")} for r in checks],
     }
     print(json.dumps(summary, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
     return summary

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pyro
@@ -18,7 +19,8 @@ from scipy.special import gammaln, logsumexp, xlogy
 
 from pyro_langevin.batch import make_batch
 from pyro_langevin.evidence import (
-    KHAT_THRESHOLD, compare, evidence_from_log_weights, format_compare, log_evidence,
+    KHAT_THRESHOLD, Evidence, compare, compare_folds, evidence_from_log_weights, format_compare, khat_threshold,
+    log_evidence, trial_log_weights,
 )
 from pyro_langevin.guides import GRUGuide, StepwiseGuide
 from pyro_langevin.models import LangevinFlow
@@ -110,28 +112,35 @@ def test_estimate_never_below_elbo_and_rises_with_k():
     assert totals[1] < totals[8] < totals[64]
 
 
-def test_estimate_matches_brute_force_marginal_likelihood(fitted_tiny):
-    """log p(x) by 2e5 prior draws (rates from the model, Poisson by hand) against the guide's
-    importance-sampling estimate with K = 20000: equal within their Monte Carlo errors."""
-    model, guide, batch = fitted_tiny
-    pyro.set_rng_seed(1)
-    x = batch.target.double().numpy()
+def brute_force(model: LangevinFlow, target: torch.Tensor, mask: torch.Tensor, draws: int = 200_000,
+                seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """log p(x) of the entries ``mask`` keeps, per trial, by ``draws`` prior draws (rates from the model,
+    Poisson by hand), and its delta-method Monte Carlo s.e."""
+    pyro.set_rng_seed(seed)
+    x, keep = target.double().numpy(), mask.numpy()
     lls = []
     with torch.no_grad():
-        for _ in range(4):
-            rates = poutine.trace(model).get_trace(n_trials=50_000, n_bins=batch.n_bins).nodes["rates"]["value"]
+        for _ in range(draws // 50_000):
+            rates = poutine.trace(model).get_trace(n_trials=50_000, n_bins=x.shape[1]).nodes["rates"]["value"]
             r = rates.double().numpy()[None]
-            lls.append((xlogy(x[:, None], r) - r - gammaln(x[:, None] + 1)).sum((2, 3)))
+            lls.append(np.where(keep[:, None], xlogy(x[:, None], r) - r - gammaln(x[:, None] + 1), 0.0).sum((2, 3)))
     ll = np.concatenate(lls, axis=1)
-    brute = logsumexp(ll, axis=1) - math.log(ll.shape[1])
     w = np.exp(ll - logsumexp(ll, axis=1, keepdims=True))
-    brute_se = np.sqrt((ll.shape[1] * (w ** 2).sum(1) - 1) / ll.shape[1])
+    return logsumexp(ll, axis=1) - math.log(ll.shape[1]), np.sqrt((ll.shape[1] * (w ** 2).sum(1) - 1) / ll.shape[1])
+
+
+def test_estimate_matches_brute_force_marginal_likelihood(fitted_tiny):
+    """log p(x) by 2e5 prior draws against the guide's importance-sampling estimate with K = 20000:
+    equal within their Monte Carlo errors."""
+    model, guide, batch = fitted_tiny
+    brute, brute_se = brute_force(model, batch.target, batch.mask)
     ev = log_evidence(model, guide, batch, 20_000, max_tiled=20_000, seed=0, warn=False)
     assert (ev.mc_se < 0.1).all() and (brute_se < 0.1).all()
     tol = 4 * np.sqrt(ev.mc_se ** 2 + brute_se ** 2) + 0.01
     assert np.all(np.abs(ev.log_evidence - brute) < tol), (ev.log_evidence, brute, tol)
     # the guide is a far better proposal than the prior: its ELBO is much closer to log p(x)
-    assert np.all(brute - ev.elbo < 0.75 * (brute - ll.mean(axis=1)))
+    prior = log_evidence(model, poutine.block(model, hide=["spikes"]), batch, 2000, seed=0, warn=False)
+    assert np.all(brute - ev.elbo < 0.75 * (brute - prior.elbo))
 
 
 def test_compare_ranks_the_data_generating_model_first():
@@ -160,13 +169,13 @@ def test_compare_ranks_the_data_generating_model_first():
 def test_khat_flags_a_bad_proposal():
     model = tiny_model()
     batch = sampled_batch(model, 8, n_obs=3, n_fwd=0, n_heldin=3, seed=3)
-    with pytest.warns(RuntimeWarning, match="k-hat > 0.7"):
+    with pytest.warns(RuntimeWarning, match=r"k-hat > 0.67 \(ArviZ's threshold for 1000 draws\)"):
         bad = log_evidence(model, TinyScaleGuide(model), batch, 1000, seed=0)
     assert bad.flagged.mean() >= 0.75 and np.nanmax(bad.khat) > 1.0
     assert bad.to_frame()["flagged"].sum() == bad.flagged.sum()
     prior_guide = poutine.block(model, hide=["spikes"])  # the prior as proposal: weights = p(x | z), bounded
     good = log_evidence(model, prior_guide, batch, 1000, seed=0, warn=False)
-    assert np.all(good.khat < KHAT_THRESHOLD)
+    assert good.khat_threshold == pytest.approx(1 - 1 / 3) and np.all(good.khat < good.khat_threshold)
     assert good.total() > bad.total()
 
 
@@ -251,7 +260,8 @@ def test_example_compare_quick(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(root / "examples" / "compare.py"), "--quick", "--no-progress",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=root)
+                           "--ais", "3", "--ais-trials", "2", "--ais-chains", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     table = pd.read_csv(out / "compare.csv")
@@ -262,6 +272,194 @@ def test_example_compare_quick(tmp_path):
     assert sorted(pooled["model"]) == ["mlp", "oscillators", "zero"] and (pooled["n_trials"] == 75).all()
     assert np.isfinite(pooled[required[1:]].to_numpy(dtype=float)).all()
     assert (out / "compare.png").is_file() and summary["figure"] == str(out / "compare.png")
+    ais = json.loads((out / "ais.json").read_text())  # fold-0 fits rescored by AIS, and BDMC on simulated trials
+    assert {(r["dataset"], r["prior"]) for r in ais} == {(d, p) for d in ("lorenz", "mc_maze_small")
+                                                         for p in ("oscillators", "zero", "mlp")}
+    assert all(r["trials"] == 2 and np.isfinite([r["ais_total"], r["bdmc_gap_total"]]).all() for r in ais)
+    assert "AIS - IWAE" in (out / "ais.md").read_text()
+    spread = [r for r in summary["score_spread"] if r["score"] == "co_bps"]  # held-out folds' co-bps, per prior
+    assert {r["prior"] for r in spread} == {"zero", "mlp"} and all(len(r["per_fold"]) == 2 for r in spread)
     rerun = subprocess.run([sys.executable, str(root / "examples" / "compare.py"), "--quick", "--no-progress",
                             "--out", str(out)], capture_output=True, text=True, timeout=60, cwd=root)
     assert rerun.returncode == 2 and "--resume" in rerun.stderr  # an earlier run is never replaced silently
+
+
+# ----- annealed importance sampling and bidirectional Monte Carlo ----------------------------------
+#: Many short HMC moves: on the tiny model 250 temperatures of 2 leapfrog steps beat 100 of 5 or 50 of 10.
+AIS = {"num_leapfrog": 2, "adapt_chains": 4}
+
+
+def equal_compute_draws(num_chains: int, num_steps: int, num_leapfrog: int = 2, adapt_chains: int = 4) -> int:
+    """IWAE draws costing at least what AIS costs: each gradient evaluation (``L + 1`` per transition)
+    counted as three model + guide passes (a forward and a backward), the pilot chains as if they ran
+    the full schedule (they run at most 100 temperatures): generous to the IWAE."""
+    return 3 * (num_chains + adapt_chains) * (num_steps - 1) * (num_leapfrog + 1)
+
+
+def test_ais_is_unbiased_where_iwae_of_an_unfitted_guide_is_not():
+    """An unfitted proposal (the prior mean with a third of its scale) on 8 trials: at equal compute
+    the IWAE is visibly low; AIS from the same guide lands on the brute-force log p(x) within its
+    Monte Carlo error, with a total error several times smaller."""
+    model = tiny_model()
+    batch = sampled_batch(model, 8, n_obs=3, n_fwd=1, n_heldin=2, seed=1)
+    guide = TinyScaleGuide(model, scale=0.3)
+    brute, brute_se = brute_force(model, batch.target, batch.mask)
+    ais = log_evidence(model, guide, batch, 10, method="ais", num_steps=250, ais_options=AIS, seed=0, warn=False)
+    k = equal_compute_draws(10, 250)
+    iwae = log_evidence(model, guide, batch, k, max_tiled=k * 8, seed=0, warn=False)
+    assert ais.method == "ais" and ais.num_steps == 250 and ais.num_particles == 10 and ais.spread.shape == (8,)
+    ais_err, iwae_err = ais.log_evidence - brute, iwae.log_evidence - brute
+    assert iwae_err.sum() < -3.0 and iwae.flagged.all()  # the IWAE's bias dwarfs its Monte Carlo error
+    assert abs(ais_err.sum()) < abs(iwae_err.sum()) / 5, (ais_err, iwae_err)
+    assert abs(ais_err.sum()) < 3 * math.sqrt(np.sum(ais.mc_se ** 2 + brute_se ** 2)), (ais_err, ais.mc_se)
+
+
+def test_bdmc_bounds_bracket_the_brute_force_evidence():
+    """Forward AIS (lower) and reverse AIS from the true latent path (upper) of trials simulated from
+    the model bracket the brute-force log p(x) within their Monte Carlo errors; the IWAE's bias at
+    K = 100 lies below the bracket's width."""
+    from pyro_langevin.bdmc import bdmc, simulate_trials
+
+    model = tiny_model()
+    template = sampled_batch(model, 4, n_obs=3, n_fwd=1, n_heldin=2, seed=5)
+    guide = TinyScaleGuide(model, scale=0.3)
+    res = bdmc(model, guide, template, num_chains=10, num_steps=150, iwae_particles=(100,), ais_options=AIS, seed=3)
+    torch.manual_seed(3)  # bdmc's first draws are the simulation
+    sim, latents = simulate_trials(model, template)
+    assert set(latents) == {"z_0", "v_0", "v_1", "v_2", "v_3"} and torch.equal(sim.mask, template.mask)
+    brute, brute_se = brute_force(model, sim.target, sim.mask)
+    lo_se, hi_se = np.sqrt(res.lower.mc_se ** 2 + brute_se ** 2), np.sqrt(res.upper_mc_se ** 2 + brute_se ** 2)
+    assert np.all(res.lower.log_evidence - brute < 3 * lo_se + 0.05), (res.lower.log_evidence - brute, lo_se)
+    assert np.all(brute - res.upper < 3 * hi_se + 0.05), (res.upper - brute, hi_se)
+    assert res.gap.sum() < 2.0 and res.summary()["n_trials"] == 4
+    low, high = res.iwae_bias(100)
+    assert np.all(low <= high + 1e-9) or res.gap.min() < 0  # a negative gap (Monte Carlo noise) swaps them
+    assert high.sum() < -1.0  # the unfitted guide's IWAE at K = 100 is low by more than a nat in total
+    assert set(res.seconds) == {"forward", "reverse", "iwae_100"}
+
+
+def test_masks_and_several_chunks_match_brute_force(fitted_tiny):
+    """A mask that drops scattered entries (held-in ones too), trials in several chunks and draws or
+    chains in several passes per chunk: IWAE and AIS still estimate the masked log p(x)."""
+    model, guide, batch = fitted_tiny
+    mask = batch.mask.clone()
+    mask[0, 0, 0] = mask[1, 2, 1] = mask[2, 3, :] = mask[1, :, 2] = False
+    masked = batch.with_inputs(batch.input, mask)
+    brute, brute_se = brute_force(model, masked.target, masked.mask)
+    iwae = log_evidence(model, guide, masked, 4000, batch_size=1, max_tiled=1000, seed=0, warn=False)
+    np.testing.assert_allclose(iwae.n_spikes, (masked.target * mask).sum((1, 2)).numpy())
+    assert np.all(np.abs(iwae.log_evidence - brute) < 4 * np.sqrt(iwae.mc_se ** 2 + brute_se ** 2) + 0.02)
+    ais = log_evidence(model, guide, masked, 20, method="ais", num_steps=30, batch_size=2, max_tiled=20,
+                       ais_options=AIS, seed=0, warn=False)  # chunks of 2 + 1 trials, 10 + 10 chains per chunk
+    assert ais.log_weights.shape == (3, 20)
+    assert np.all(np.abs(ais.log_evidence - brute) < 4 * np.sqrt(ais.mc_se ** 2 + brute_se ** 2) + 0.05)
+
+
+def test_dropout_is_off_even_through_a_wrapper_that_is_not_a_module():
+    """Model and guide with dropout, in training mode, reached only through plain functions: the
+    evidence equals that of the same modules in eval mode, and their modes are restored."""
+    from functools import partial
+
+    torch.manual_seed(0)
+    model = LangevinFlow(3, latent_dim=2, dt=0.2, potential="quadratic", decoder_kwargs={**TINY_DECODER, "dropout": 0.5})
+    guide = GRUGuide(model, 2, hidden=8, dropout=0.5)
+    batch = sampled_batch(tiny_model(3, 2), 3, n_obs=4, n_fwd=1, n_heldin=2, seed=0)
+    wrapped_model = partial(lambda m, *a, **k: m(*a, **k), model)
+    wrapped_guide = lambda b: guide(b)  # noqa: E731 - a closure is the case being tested
+    model.train(), guide.train()
+    ev = log_evidence(wrapped_model, wrapped_guide, batch, 64, seed=0, warn=False)
+    assert model.training and guide.training and model.decoder.training  # restored
+    with torch.no_grad():
+        torch.manual_seed(0)
+        noisy, _ = trial_log_weights(wrapped_model, wrapped_guide, batch, 64)  # no eval mode: dropout on
+    model.eval(), guide.eval()
+    ref = log_evidence(model, guide, batch, 64, seed=0, warn=False)
+    np.testing.assert_allclose(ev.log_weights, ref.log_weights, rtol=1e-5, atol=1e-4)
+    assert not np.allclose(noisy.numpy(), ref.log_weights, atol=1e-2)
+
+
+def test_heldout_quantities_match_brute_force(fitted_tiny):
+    """``heldout`` = log p(x) - log p(x_heldin) (held-out neurons AND forward bins) and
+    ``heldout_neurons`` = log p(x_obs) - log p(x_heldin) in the observed bins only, against prior
+    draws; by IWAE (same draws) and AIS (two runs)."""
+    model, guide, batch = fitted_tiny
+    t, n_in = batch.n_observed_bins, batch.n_heldin
+    heldin = torch.zeros_like(batch.mask)
+    heldin[:, :t, :n_in] = True
+    observed = torch.zeros_like(batch.mask)
+    observed[:, :t] = True
+    (joint, se_j), (held, se_h), (obs, se_o) = (brute_force(model, batch.target, m & batch.mask)
+                                                for m in (torch.ones_like(heldin), heldin, observed))
+    truth = {"heldout": (joint - held, np.hypot(se_j, se_h)), "heldout_neurons": (obs - held, np.hypot(se_o, se_h))}
+    for quantity, (value, se) in truth.items():
+        ev = log_evidence(model, guide, batch, 20_000, quantity=quantity, max_tiled=20_000, seed=0, warn=False)
+        assert ev.quantity == quantity
+        assert np.all(np.abs(ev.log_evidence - value) < 4 * np.hypot(ev.mc_se, se) + 0.02), (quantity, ev.log_evidence, value)
+    scored = torch.zeros_like(batch.mask)
+    scored[:, :t, n_in:] = True
+    np.testing.assert_allclose(ev.n_spikes, (batch.target * scored).sum((1, 2)).numpy())
+    assert ev.joint is None and not np.allclose(truth["heldout"][0], truth["heldout_neurons"][0], atol=0.5)
+    ais = log_evidence(model, guide, batch, 30, method="ais", num_steps=20, quantity="heldout_neurons",
+                       ais_options=AIS, seed=0, warn=False)
+    value, se = truth["heldout_neurons"]
+    assert ais.log_weights_heldin.shape == (3, 30)
+    assert np.all(np.abs(ais.log_evidence - value) < 4 * np.hypot(ais.mc_se, se) + 0.05), (ais.log_evidence, value)
+
+
+def _evidence(values: np.ndarray, **meta) -> Evidence:
+    """An Evidence whose per-trial estimates are ``values`` (30 equal log weights per trial, k-hat 0)."""
+    ev = evidence_from_log_weights(np.repeat(np.asarray(values, float)[:, None], 30, axis=1), warn=False)
+    return replace(ev, **{"layout": (3, 1, 2, 1), "khat": np.zeros(len(values)), **meta})
+
+
+def test_compare_refuses_evidences_that_are_not_on_the_same_footing():
+    base = _evidence([-1.0, -2.0, -3.0], bin_ms=20.0, units=(1, 2, 3))
+    assert list(compare({"a": base, "b": replace(base, log_evidence=base.log_evidence - 1)}).index) == ["a", "b"]
+    others = {
+        "trials": replace(base, trial=np.array([0, 1, 5])),
+        "quantity": replace(base, quantity="heldout"),
+        "method": replace(base, method="ais", num_steps=100),
+        "bin width": replace(base, bin_ms=5.0),
+        "units": replace(base, units=(1, 2, 4)),
+        "layout": replace(base, layout=(3, 1, 1, 2)),
+    }
+    for what, other in others.items():
+        with pytest.raises(ValueError, match=f"'b' differs from 'a' in {what}"):
+            compare({"a": base, "b": other})
+    with pytest.raises(ValueError, match="in quantity.*in bin width") as err:  # every difference, in one error
+        compare({"a": base, "b": replace(base, quantity="heldout", bin_ms=5.0)})
+    assert str(err.value).count("differs") == 2
+
+
+def test_compare_folds_reports_fold_level_spread():
+    rng = np.random.default_rng(0)
+    diffs = [30.0, -10.0, 50.0, 20.0]  # per fold: osc - zero, summed over 5 trials
+    folds = {}
+    for i, d in enumerate(diffs):
+        osc = rng.normal(-100, 5, size=5)
+        noise = rng.normal(0, 1, size=5)
+        zero = osc - d / 5 + noise - noise.mean()  # trial-level scatter, the fold's difference exact
+        folds[(i // 2, i % 2)] = {"osc": _evidence(osc, trial=np.arange(5) + 5 * i), "zero": _evidence(zero, trial=np.arange(5) + 5 * i)}
+    table = compare_folds(folds)
+    per_fold = table[table["fold"] != "mean"]
+    np.testing.assert_allclose(per_fold["d_elpd"], diffs)
+    mean = table[table["fold"] == "mean"].iloc[0]
+    assert mean["reference"] == "osc" and mean["n_folds"] == 4 and mean["n_positive"] == 3
+    assert mean["d_elpd"] == pytest.approx(np.mean(diffs))
+    assert mean["se_folds"] == pytest.approx(np.std(diffs, ddof=1) / 2)
+    assert "fit-level" in table.attrs["uncertainty"]["se_folds"] and "trial-level" in table.attrs["uncertainty"]["dse"]
+    with pytest.raises(ValueError, match="differs from fold"):
+        compare_folds({**folds, "x": {k: replace(v, bin_ms=5.0) for k, v in folds[(0, 0)].items()}})
+
+
+def test_khat_threshold_is_arviz_s():
+    assert khat_threshold(100) == pytest.approx(0.5)
+    assert khat_threshold(1000) == pytest.approx(2 / 3)
+    assert khat_threshold(10_000) == KHAT_THRESHOLD == 0.7
+    assert khat_threshold(10) == 0.0
+    ev = _evidence([-1.0, -2.0])
+    ev = replace(ev, khat=np.array([0.6, 0.3]), num_particles=100)
+    assert ev.flagged.tolist() == [True, False]
+    with pytest.warns(RuntimeWarning, match=r"k-hat > 0.50 \(ArviZ's threshold for 100 draws\) for 1 of 2"):
+        table = compare({"a": ev})
+    assert table.loc["a", "frac_flagged"] == 0.5 and table.loc["a", "frac_khat_gt_0_7"] == 0.0
