@@ -176,6 +176,9 @@ def test_fit_command_searches_reports_the_choice_and_saves_arviz_draws(tmp_path,
         assert fold["recipe"] in recipe["candidates"] and not set(fold["search"]["trial_rows"]) & set(fold["scored_trials"])
     assert "recipe   chosen on the recording" in captured.out
     assert json.loads(captured.out.strip().splitlines()[-1])["recipe"] == recipe["winner"]
+    # the final fit refitted every trial for the winner's epochs in its searches, no validation split
+    assert metrics["fit"]["refit"] and metrics["fit"]["epochs_run"] == recipe["epochs"] >= 1
+    assert metrics["fit"]["n_fit_trials"] == 20 and metrics["fit"]["valid_trials"] == []
     # the final fit trained the winner (spec.json and the checkpoint say so)
     winner = recipe["candidates"][recipe["winner"]]
     stored = json.loads((out / "spec.json").read_text())
@@ -201,3 +204,27 @@ def test_recipe_mode_and_save_draws_are_checked():
         fit_recording(rec, "unused", recipe="best", log=lambda s: None)
     with pytest.raises(SpecError, match="save_draws"):
         fit_recording(rec, "unused", save_draws=-1, log=lambda s: None)
+
+
+def test_the_final_fit_refits_for_the_winners_epochs_in_the_searches_it_finished():
+    from pyro_langevin.recording.config import default_config
+    from pyro_langevin.recording.recipes import refit_config, summarize_recipe_choice
+
+    def search(winner, a, b, stopped=False):
+        return {"winner": winner, "keep": 0.7, "candidates": {
+            "x": {"score": a[0], "best_epoch": a[1], "stopped": stopped and winner != "x"},
+            "y": {"score": b[0], "best_epoch": b[1], "stopped": False}}}
+
+    cands = {"x": {}, "y": {"fit.shift_std": 0.0}}
+    # x wins twice; its third search was cut by ASHA at epoch 9 and does not count
+    choice = summarize_recipe_choice([search("x", (0.2, 99), (0.1, 40)), search("x", (0.3, 59), (0.2, 40)),
+                                      search("y", (0.1, 9), (0.2, 40), stopped=True)], cands)
+    assert choice["winner"] == "x" and choice["wins"] == {"x": 2, "y": 1}
+    assert choice["epochs"] == 80  # median of 100 and 60
+    assert choice["margin"]["runner_up"] == "y" and choice["margin"]["mean"] == pytest.approx((0.1 + 0.1 - 0.1) / 3)
+    base = default_config(60, 48, 50, 20.0)
+    refit = refit_config(base, 80)
+    ramp = lambda c, name: getattr(c.fit, name) * c.fit.epochs  # noqa: E731  ramp length in epochs
+    assert refit.fit.epochs == 80 and refit.fit.patience == 0
+    assert ramp(refit, "kl_ramp") == pytest.approx(ramp(base, "kl_ramp"))
+    assert ramp(refit, "weight_decay_ramp") == pytest.approx(ramp(base, "weight_decay_ramp"))
