@@ -86,7 +86,7 @@ def _run_ours(rec, truth, folder: Path, seed: int, recipe: str, quick: bool, wor
         fit_recording(rec, folder, seed=seed, recipe=recipe, overrides=QUICK if quick else None, workers=workers,
                       progress=False, resume=refresh and folder.is_dir(), log=lambda s: None)
     m = json.loads(metrics_file.read_text())
-    row: Dict[str, Any] = {"seconds": m["seconds"]["total"], "recipe": m["recipe"]["winner"]}
+    row: Dict[str, Any] = {"seconds": m["seconds"]["total"], "recipe": (m.get("recipe") or {}).get("winner", "default")}
     if m.get("cv"):
         d = m["cv"]["summary"]["difference"]["co-bps"]
         row.update(cv_diff=d["mean"], cv_diff_se=d["se"], cv_co_bps=m["cv"]["summary"]["model"]["co-bps"]["mean"])
