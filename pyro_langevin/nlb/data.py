@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -382,6 +383,21 @@ def _splits(ds) -> set:
     return set(ds.trial_info["split"].astype(str)) if "split" in ds.trial_info else set()
 
 
+@contextmanager
+def _serial_smoothing():
+    """nlb_tools smooths spikes in a forked ``multiprocessing.Pool``; forking a process whose other
+    threads (Ray's, torch's) hold locks can deadlock the child, and did (a stitched NLB run after a Ray
+    test hung in ``Pool.terminate``). Within this block its ``_poolmap`` maps in this process."""
+    import nlb_tools.nwb_interface as ni
+
+    before = ni._poolmap
+    ni._poolmap = lambda f, X, nprocs=None, chunksize=None: list(map(f, X))
+    try:
+        yield
+    finally:
+        ni._poolmap = before
+
+
 def nwb_tensors(
     dataset: str,
     data_dir: PathLike,
@@ -418,8 +434,9 @@ def nwb_tensors(
         train = mt.make_train_input_tensors(ds, dataset, "train", include_behavior=True,
                                             include_forward_pred=True, **common)
         ev = mt.make_eval_input_tensors(ds, dataset, "val", **common)
-        target = mt.make_eval_target_tensors(ds, dataset, "train", "val", include_psth=include_psth,
-                                             **common)
+        with _serial_smoothing():  # the PSTHs smooth spikes
+            target = mt.make_eval_target_tensors(ds, dataset, "train", "val", include_psth=include_psth,
+                                                 **common)
     else:
         if files["test"] is None:
             raise NLBDataError(f"{data_dir}: phase 'test' needs the test NWB file for {dataset} "
