@@ -26,7 +26,6 @@ versions of a recording are one system binned two ways (their spikes are indepen
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
@@ -247,4 +246,4 @@ def family(names: Optional[Any] = None, seed: int = 0) -> Dict[str, SyntheticRec
     unknown = [n for n in chosen if n not in FAMILY]
     if unknown:
         raise ValueError(f"unknown recordings {unknown}; the family is {list(FAMILY)}")
-    return {n: dataclasses.replace(make_recording(**FAMILY[n], seed=seed)) for n in chosen}
+    return {n: make_recording(**FAMILY[n], seed=seed) for n in chosen}
