@@ -307,3 +307,15 @@ def test_defaults_by_size_start_from_the_cross_validated_nlb_recipe():
     small = default_config(30, 12, 20, 10.0)
     assert (small.model.latent_dim, small.guide.hidden, small.cv.folds, small.fit.batch_size) == (16, 64, 3, 8)
     assert small.fit.shift_std == pytest.approx(2.5)  # an eighth of 20 bins, not 60 ms / 10 ms
+
+
+def test_a_searched_recipe_gets_at_most_three_folds_and_the_same_epochs():
+    from pyro_langevin.recording.config import SEARCH_FOLDS, default_config
+
+    for n_trials, plain_folds in ((10, 2), (30, 3), (45, 4), (100, 5)):
+        plain = default_config(n_trials, 48, 50, 20.0)
+        searched = default_config(n_trials, 48, 50, 20.0, search=True)
+        assert plain.cv.folds == plain_folds
+        assert searched.cv.folds == min(plain_folds, SEARCH_FOLDS)
+        assert (searched.fit.epochs, searched.fit.batch_size) == (plain.fit.epochs, plain.fit.batch_size)
+    assert default_config(100, 48, 50, 20.0, overrides={"cv.folds": 5}, search=True).cv.folds == 5  # asked for: kept

@@ -214,7 +214,7 @@ def _fit(args: argparse.Namespace, session: Session) -> None:
         changes = spec_overrides(args, RecordingConfig())
         if args.cv is not None:
             changes["cv.folds"] = args.cv
-        cfg = recording_config(recording, changes, args.quick, args.epochs)
+        cfg = recording_config(recording, changes, args.quick, args.epochs, search=(args.recipe or "search") == "search")
     except SpecError as exc:
         raise OptionError(one_line(exc)) from None
     run = session.options = check_run_options(args, name)

@@ -12,7 +12,9 @@ dropout 0.2, a 60 ms temporal shift, early stopping on validation co-bps) and si
 * the temporal shift: 60 ms s.d. (NLB's), at most an eighth of the trial's bins;
 * one model per fit (``eval.n_models = 1``): its latents are one model's;
 * cross-validation (:class:`CVConfig`): 5 folds (fewer below 50 trials), a quarter of the units held
-  out in each fold (NLB's MC_Maze_Small holds out 35 of 142).
+  out in each fold (NLB's MC_Maze_Small holds out 35 of 142); at most 3 folds (:data:`SEARCH_FOLDS`)
+  when the recipe is searched, because the search runs inside every fold: on a 100-trial x 100-unit
+  recording 5 nested searches took 19 minutes on 2 CPU cores, over the 15 the fit is meant to take.
 
 Every setting is a dotted key of :class:`RecordingConfig` (``--set cv.folds=3``, ``--set
 model.latent_dim=16``, ``--spec FILE``); the chosen values and the size that chose them are written
@@ -28,12 +30,15 @@ from typing import Any, Dict, Mapping, Optional
 from pyro_langevin.members import MemberRunSpec
 from pyro_langevin.spec import SpecError, register_spec_class
 
-__all__ = ["CVConfig", "RecordingConfig", "default_config", "sized_settings", "QUICK", "GAMMA", "SHIFT_MS"]
+__all__ = ["CVConfig", "RecordingConfig", "default_config", "sized_settings", "QUICK", "GAMMA", "SHIFT_MS",
+           "SEARCH_FOLDS"]
 
 #: Damping rate per 100 ms: the NLB default (the released code's factor 0.55 per 20 ms step, -ln(0.45) / 0.2).
 GAMMA = 3.993
 #: Temporal-shift s.d. in ms (the NLB default: ``fit.shift_std = SHIFT_MS / bin_ms`` bins).
 SHIFT_MS = 60.0
+#: The most cross-validation folds a searched recipe gets by default (every fold runs its own search).
+SEARCH_FOLDS = 3
 #: A smoke test's sizes: tiny networks, a few epochs and draws, two folds.
 QUICK = {"model.latent_dim": 4, "guide.hidden": 8, "model.d_model": 16, "model.n_heads": 2,
          "model.dim_feedforward": 16, "fit.epochs": 3, "fit.val_every": 1, "eval.select_draws": 2,
@@ -68,8 +73,9 @@ class RecordingConfig(MemberRunSpec):
     cv: CVConfig = field(default_factory=CVConfig)
 
 
-def sized_settings(n_trials: int, n_units: int, n_bins: int, bin_ms: float) -> Dict[str, Any]:
-    """The dotted-key settings :func:`default_config` chooses for a recording of this size (see the module docstring)."""
+def sized_settings(n_trials: int, n_units: int, n_bins: int, bin_ms: float, search: bool = False) -> Dict[str, Any]:
+    """The dotted-key settings :func:`default_config` chooses for a recording of this size (see the module
+    docstring); ``search``: the recipe will be searched inside every fold (at most :data:`SEARCH_FOLDS` folds)."""
     folds = 5 if n_trials >= 50 else max(2, min(5, n_trials // 10))
     fit_trials = max(1, math.floor(n_trials * (1 - 1 / folds) * 0.8))  # a fold's fit trials (inner split 0.2)
     batch = int(min(64, max(8, round(n_trials / 4))))
@@ -85,16 +91,16 @@ def sized_settings(n_trials: int, n_units: int, n_bins: int, bin_ms: float) -> D
         "fit.lr": 3e-3, "fit.weight_decay": 2e-5, "fit.cd_keep": 0.5, "fit.kl_final": 0.1,
         "fit.kl_ramp": 0.25, "fit.weight_decay_ramp": 0.25, "fit.patience": 8, "fit.lr_plateau_patience": 3,
         "fit.shift_std": min(SHIFT_MS / bin_ms, n_bins / 8),
-        "eval.n_models": 1, "cv.folds": folds,
+        "eval.n_models": 1, "cv.folds": min(folds, SEARCH_FOLDS) if search else folds,
     }
 
 
 def default_config(n_trials: int, n_units: int, n_bins: int, bin_ms: float, quick: bool = False,
-                   overrides: Optional[Mapping[str, Any]] = None) -> RecordingConfig:
+                   overrides: Optional[Mapping[str, Any]] = None, search: bool = False) -> RecordingConfig:
     """The default :class:`RecordingConfig` of a recording with ``n_trials`` trials, ``n_units`` units
     and ``n_bins`` bins of ``bin_ms`` ms (:func:`sized_settings`), then the ``quick`` smoke-test sizes,
     then ``overrides`` (dotted keys)."""
-    settings = sized_settings(n_trials, n_units, n_bins, bin_ms)
+    settings = sized_settings(n_trials, n_units, n_bins, bin_ms, search)
     if quick:
         settings.update(QUICK)
     settings.update(overrides or {})

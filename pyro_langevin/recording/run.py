@@ -73,9 +73,10 @@ PROB = 0.9
 
 
 def recording_config(recording: Recording, overrides: Optional[Mapping[str, Any]] = None, quick: bool = False,
-                     epochs: Optional[int] = None) -> RecordingConfig:
-    """The run spec of ``recording``: the defaults for its size (:func:`~pyro_langevin.recording.config.default_config`),
-    then ``overrides`` (dotted keys) and ``epochs``; checked to build, and to fit the recording's size.
+                     epochs: Optional[int] = None, search: bool = False) -> RecordingConfig:
+    """The run spec of ``recording``: the defaults for its size (:func:`~pyro_langevin.recording.config.default_config`;
+    ``search``: for a recipe searched in every fold, fewer folds), then ``overrides`` (dotted keys) and ``epochs``;
+    checked to build, and to fit the recording's size.
 
     Raises
     ------
@@ -86,7 +87,7 @@ def recording_config(recording: Recording, overrides: Optional[Mapping[str, Any]
     if epochs is not None:
         changes["fit.epochs"] = int(epochs)
     cfg = check_buildable(default_config(recording.n_trials, recording.n_units, recording.n_bins, recording.bin_ms,
-                                         quick, changes))
+                                         quick, changes, search))
     if cfg.cv.folds:
         if recording.n_units < 2:
             raise SpecError(f"cross-validation holds units out, and {recording.source} has {recording.n_units} unit; "
@@ -318,13 +319,13 @@ def fit_recording(recording: Recording, out: PathLike, *, config: Optional[Recor
     t_start = time.perf_counter()
     out = Path(out)
     dev = check_device(device)
-    cfg = config if config is not None else recording_config(recording, overrides, quick, epochs)
-    if isinstance(save_draws, bool) or not isinstance(save_draws, int) or save_draws < 0:
-        raise SpecError(f"save_draws must be an integer >= 0, got {save_draws!r}")
     if recipe not in RECIPE_MODES:
         raise SpecError(f"recipe must be one of {RECIPE_MODES}, got {recipe!r}")
-    cands = {k: dict(v) for k, v in (candidates or CANDIDATES).items()}
     searched = recipe == "search"
+    cfg = config if config is not None else recording_config(recording, overrides, quick, epochs, search=searched)
+    if isinstance(save_draws, bool) or not isinstance(save_draws, int) or save_draws < 0:
+        raise SpecError(f"save_draws must be an integer >= 0, got {save_draws!r}")
+    cands = {k: dict(v) for k, v in (candidates or CANDIDATES).items()}
     meta = run_meta_of(recording, seed)
     if resume:
         check_resumable(out, cfg, meta, ignore=_candidate_keys(cands) if searched else ())
@@ -375,7 +376,7 @@ def fit_recording(recording: Recording, out: PathLike, *, config: Optional[Recor
                  "padded_trials": recording.n_padded_trials, "condition": recording.condition_name,
                  "conditions": summary.conditions, "behavior": recording.behavior_name, "notes": recording.notes,
                  "mean_rate_hz": float(recording.mean_rates_hz().mean())},
-        "defaults": {"size": recording.size(), "by_size": sized_settings(n, u, t, recording.bin_ms),
+        "defaults": {"size": recording.size(), "by_size": sized_settings(n, u, t, recording.bin_ms, searched),
                      "overrides": dict(overrides or {}), "epochs": epochs, "quick": quick},
         "recipe": {"mode": recipe, "candidates": cands, **(choice or {"winner": "default"})},
         "cv": cv, "fit": final,
