@@ -17,8 +17,8 @@ Within-session co-smoothing (``--folds`` K-fold over each session's 25 trials; p
 other trials train, a fifth of them pick the checkpoint by their ELBO): ONE stitched model of the three
 sessions (:func:`~pyro_langevin.stitching.train_stitched`; PCR read-ins from the fitting trials' reach
 directions, kept fixed, the project's default with condition labels) against one model per session, and
-the smoothing baseline (60 ms kernel, Poisson GLM with penalty 0.1, NLB's MC_Maze_Small values) fitted on
-the session's training trials. Score: bits/spike of the session's held-out units on its test trials.
+the smoothing baseline (NLB's 60 ms kernel for MC_Maze_Small; Poisson GLM, its penalty chosen by 3-fold CV)
+fitted on the session's training trials. Score: bits/spike of the session's held-out units on its test trials.
 
 Cross-session co-smoothing (same fits): the latents inferred from session A's held-in units on A's test
 trials predict session B's units through B's read-out; bits/spike against the real spikes of A's test
@@ -75,7 +75,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN_MS = 20
 #: The smoothing baseline's kernel (nlb_tools' value for MC_Maze_Small); its GLM penalty is chosen on the
 #: fitting trials (:func:`~pyro_langevin.baseline.smoothing_baseline`'s default): NLB's 0.1 (tuned on 75
-#: trials at 5 ms) overfits the 17 trials of a pseudo-session badly (-0.97 bits/spike in a smoke run).
+#: trials at 5 ms) overfits the 17 trials of a pseudo-session badly (-0.97 bits/spike in a check).
 KERNEL_MS = 60.0
 #: Ridge penalties of the velocity decoders, chosen by 3-fold cross-validation over the fitting TRIALS
 #: (sklearn RidgeCV's leave-one-row-out picks too small a penalty on time-correlated rows).
