@@ -42,10 +42,8 @@ from pyro_langevin.dynamics import ridge_decode
 from pyro_langevin.metrics import rate_r2
 from pyro_langevin.options import ArgumentParser, add_run_arguments, add_spec_arguments, check_run_options, spec_overrides
 from pyro_langevin.posterior import posterior_means
-from pyro_langevin.spec import RunSpec, build, build_stitched
-from pyro_langevin.sessions import Session as RecordedSession  # console.Session is the command's
-from pyro_langevin.stitching import (balance_sessions, embed_session, grow, pcr_layout, split_sessions,
-                                     stitch_batches)
+from pyro_langevin.spec import RunSpec, build
+from pyro_langevin.stitching import embed_session, train_added, train_stitched
 from pyro_langevin.training import fit
 
 
@@ -99,14 +97,10 @@ def _posterior(model, guide, batch, device) -> Dict[str, np.ndarray]:
 
 def fit_stitched(sessions, spec: RunSpec, device, progress: bool, readin_init: str = "random",
                  train_readin: bool = True) -> List[Dict[str, np.ndarray]]:
-    names = [s["name"] for s in sessions]
-    batch, layout = stitch_batches([s["train"] for s in sessions], names, readin_dim=16,
-                                   n_trials=[s["n_trials"] for s in sessions], train_readin=train_readin)
-    fit_part, valid = split_sessions(batch, layout, 0.2, spec.fit.seed)
-    if readin_init == "pcr":  # from the fitting trials only
-        layout = pcr_layout(layout, fit_part, {s["name"]: s["conditions"] for s in sessions})
-    model, guide = build_stitched(spec, layout)
-    fit(model, guide, balance_sessions(fit_part, layout), valid, spec.fit, device=device, progress=progress)
+    labels = {s["name"]: s["conditions"] for s in sessions} if readin_init == "pcr" else None
+    model, guide, layout, _ = train_stitched(spec, [s["train"] for s in sessions], [s["name"] for s in sessions],
+                                          n_trials=[s["n_trials"] for s in sessions], train_readin=train_readin,
+                                          labels=labels, device=device, progress=progress)
     out = []
     for i, s in enumerate(sessions):
         post = _posterior(model, guide, embed_session(s["test"], layout, s["name"]), device)
@@ -129,25 +123,17 @@ def few_shot(sessions, spec: RunSpec, device, progress: bool, ks: List[int], rea
     """Rate R^2 on the last session's held-out trials after adding it with ``k`` training trials to a
     stitched model of the others (:func:`~pyro_langevin.stitching.grow`), and from scratch on the same ``k``."""
     *others, new = sessions
-    names = [s["name"] for s in others]
-    batch, layout = stitch_batches([s["train"] for s in others], names, readin_dim=16,
-                                   n_trials=[s["n_trials"] for s in others], train_readin=train_readin)
-    fit_part, valid = split_sessions(batch, layout, 0.2, spec.fit.seed)
-    if readin_init == "pcr":
-        layout = pcr_layout(layout, fit_part, {s["name"]: s["conditions"] for s in others})
-    model, guide = build_stitched(spec, layout)
-    fit(model, guide, balance_sessions(fit_part, layout), valid, spec.fit, device=device, progress=progress)
+    labels = {s["name"]: s["conditions"] for s in others} if readin_init == "pcr" else None
+    model, guide, _, _ = train_stitched(spec, [s["train"] for s in others], [s["name"] for s in others],
+                                     n_trials=[s["n_trials"] for s in others], train_readin=train_readin,
+                                     labels=labels, device=device, progress=progress)
     truth = new["rates"][new["test_rows"]]
     out = []
     for k in ks:
         k = min(k, len(new["train"]))
         trials = new["train"][np.arange(k)]
-        session = RecordedSession(new["name"], new["n_units"], 0, new["n_trials"])
-        grown_layout = model.layout.with_session(session)
-        embedded = embed_session(trials, grown_layout, new["name"])
-        fit_k, valid_k = split_sessions(embedded, grown_layout, 0.2, spec.fit.seed)
-        grown, grown_guide, _ = grow(spec, model, guide, session, fit_k)
-        fit(grown, grown_guide, fit_k, valid_k, spec.fit, device=device, progress=progress, init_rates=False)
+        grown, grown_guide, grown_layout, _ = train_added(spec, model, guide, new["name"], trials, new["n_trials"],
+                                                       device=device, progress=progress)
         added = _posterior(grown, grown_guide, embed_session(new["test"], grown_layout, new["name"]), device)["rates"]
         fit_s, valid_s = split_train_valid(trials, 0.2, spec.fit.seed)
         scratch_model, scratch_guide = build(spec, new["n_units"], new["n_units"])

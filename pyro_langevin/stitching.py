@@ -10,7 +10,9 @@
 * :func:`freeze_shared`: ``requires_grad`` off for everything but chosen sessions' read-in and
   read-out (a new session fitted against a frozen stitched model); :func:`shared_parameters`;
 * :func:`grow`: a fitted stitched model and guide with one session more, every saved parameter
-  copied, all but the new session's frozen, its read-out bias at its log mean counts.
+  copied, all but the new session's frozen, its read-out bias at its log mean counts;
+* :func:`train_stitched` and :func:`train_added`: the two fits the evaluation scripts make (a
+  stitched fit of sessions' own batches; a session added to it with the rest frozen).
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from pyro_langevin.inputs import encoder_features
 from pyro_langevin.pcr import condition_averages, pcr_readins
 from pyro_langevin.sessions import Session, SessionError, SessionLayout
 from pyro_langevin.spec import build_stitched
+from pyro_langevin.training import fit
 
 __all__ = ["stitch_batches", "embed_session", "session_view", "session_rows", "concat_trials", "balance_sessions",
            "split_sessions", "pcr_layout",
-           "freeze_shared", "shared_parameters", "session_parameter_names", "grow"]
+           "freeze_shared", "shared_parameters", "session_parameter_names", "grow", "train_stitched", "train_added"]
 
 
 def _check_bins(batches: Sequence[Batch], names: Sequence[str]) -> None:
@@ -112,8 +115,8 @@ def split_sessions(batch: Batch, layout: SessionLayout, frac: float, seed: int) 
             continue
         if len(rows) < 2:
             raise SessionError(f"session {name}: {len(rows)} training trial; a validation split needs at least 2")
-        fit, valid = split_train_valid(batch[rows], frac, seed)
-        fits.append(fit)
+        part, valid = split_train_valid(batch[rows], frac, seed)
+        fits.append(part)
         valids.append(valid)
     return concat_trials(fits), concat_trials(valids)
 
@@ -228,3 +231,35 @@ def grow(spec: Any, model: torch.nn.Module, guide: torch.nn.Module, session: Ses
         cols = torch.as_tensor(layout.columns(layout.position(session.name)))
         grown_model.decoder.readout.sessions[session.name].bias.copy_(torch.log(mean[cols].clamp_min(1e-3)))
     return grown_model, grown_guide, trainable
+
+
+def train_stitched(spec: Any, batches: Sequence[Batch], names: Sequence[str], *, n_trials: Optional[Sequence[int]] = None,
+                   readin_dim: int = 16, train_readin: bool = True, labels: Optional[Dict[str, Sequence[str]]] = None,
+                   valid_frac: float = 0.2, device: Any = None, progress: bool = False):
+    """``(model, guide, layout, result)``: one stitched model of ``spec`` fitted on every session's own batch
+    (``result`` the :class:`~pyro_langevin.training.FitResult`).
+
+    :func:`stitch_batches`, then :func:`split_sessions` (``valid_frac`` of each session's trials pick
+    the checkpoint by their ELBO), with ``labels`` the PCR read-ins (:func:`pcr_layout`, from the
+    fitting trials only), and balanced epochs (:func:`balance_sessions`).
+    """
+    batch, layout = stitch_batches(batches, names, readin_dim=readin_dim, n_trials=n_trials, train_readin=train_readin)
+    fit_part, valid = split_sessions(batch, layout, valid_frac, spec.fit.seed)
+    if labels is not None:
+        layout = pcr_layout(layout, fit_part, labels)
+    model, guide = build_stitched(spec, layout)
+    result = fit(model, guide, balance_sessions(fit_part, layout), valid, spec.fit, device=device, progress=progress)
+    return model, guide, layout, result
+
+
+def train_added(spec: Any, model: torch.nn.Module, guide: torch.nn.Module, name: str, trials: Batch, n_trials: int,
+                *, valid_frac: float = 0.2, device: Any = None, progress: bool = False):
+    """``(model, guide, layout, result)``: the fitted stitched pair grown by session ``name`` (:func:`grow`) and
+    fitted on ``trials`` (its own batch, trial rows ``0 .. n_trials - 1``), only its read-in and
+    read-out training; ``valid_frac`` of ``trials`` pick the checkpoint by their ELBO."""
+    session = Session(name, trials.n_heldin, trials.n_heldout, n_trials)
+    layout = model.layout.with_session(session)
+    fit_part, valid = split_sessions(embed_session(trials, layout, name), layout, valid_frac, spec.fit.seed)
+    grown, grown_guide, _ = grow(spec, model, guide, session, fit_part)
+    result = fit(grown, grown_guide, fit_part, valid, spec.fit, device=device, progress=progress, init_rates=False)
+    return grown, grown_guide, layout, result
