@@ -6,7 +6,10 @@ Datasets (``--datasets``):
 * ``lorenz``: the synthetic Lorenz population of ``examples/ablate_guides.py`` (40 conditions x 8
   trials, 50 bins, 30 neurons of which 5 held out), the GRU guide, 40 epochs, latent 8. The fit
   trains on the 256 training trials and selects its checkpoint on half of the 64 validation
-  trials; the evidence is computed on the other 32.
+  trials; the evidence is computed on the other 32, which are also scored by co-bps (the 5
+  held-out neurons given the held-in spikes) and rate R^2 to the true rates of posterior-mean
+  rates (bias-free). ``--lorenz-seeds N`` repeats this N times, each with a new data draw and fit
+  (seed ``--seed + i`` as Lorenz "fold" i): replicates for a fit-level spread.
 * ``mc_maze_small``: real MC_Maze_Small, TRAINING trials only (75, phase val; the 25 validation
   trials are never read), summed into 20 ms bins, with the NLB 20 ms single-model configuration
   (``default_config("mc_maze_small", 20)`` with ``eval.n_models=1``: bidirectional GRU guide,
@@ -23,15 +26,18 @@ quantities from the same draws: ``joint`` (log p(x) of all of a trial's counts: 
 compare priors with) and ``heldout`` (log p(held-out neurons and forward bins | held-in spikes):
 co-smoothing and forward prediction together). For MC_Maze_Small each fold's held-out trials are
 also scored by co-bps and fp-bps of posterior-mean rates (bias-free; ``score_spread`` in the summary
-gives the per-fold differences to the oscillators, mean +- s.e. over folds). ``--k-trend 250,1000,4000`` rescores the fold-0 fits of every prior
+gives the per-fold differences to the oscillators, mean +- s.e. over folds; on Lorenz co-bps and
+rate R^2 per seed). ``--k-trend 250,1000,4000`` rescores the fold-0 fits of every prior
 (reloaded from their ``best.pt``) with each K, so one sees whether the totals and their differences
 still move with K (``k_trend.json`` and a table). That cannot show how far the IWAE still is from
 log p(x): ``--ais S`` rescores the fold-0 fits of every prior with annealed importance sampling
 (S temperatures, ``--ais-chains`` chains) on the first ``--ais-trials`` held-out trials, beside the
 IWAE of the same trials (AIS - IWAE is a lower bound of the IWAE's bias on real trials), and runs
 bidirectional Monte Carlo on as many trials simulated from each fitted model (the AIS schedule's
-gap, and the IWAE's bias bracket at K): ``ais.json`` and ``ais.md``. ``--fit-folds 0`` fits only
-the listed folds (e.g. for ``--ais`` alone).
+gap, and the IWAE's bias bracket at K): ``ais.json`` and ``ais.md``, which also give the oscillators
+minus each prior by AIS and by the IWAE per fold and mean +- s.e. over folds (``--ais-folds``; with
+``--resume`` the rows of an earlier run are kept and only new fits or settings are run, so folds
+can be added in later runs). ``--fit-folds 0`` fits only the listed folds (e.g. for ``--ais`` alone).
 
 Outputs in ``--out``: ``results.json`` (per-trial numbers of every fit, written after each),
 ``compare.csv`` (one row per dataset, fold, quantity and model, and pooled rows with fold
@@ -44,6 +50,7 @@ Run::
     python examples/compare.py                             # ~40 min on 2 CPU cores: runs/compare
     python examples/compare.py --datasets mc_maze_small --folds 3 --particles 1000 --data-dir /path/to/data
     python examples/compare.py --datasets mc_maze_small --fit-folds 0 --ais 200 --ais-trials 8  # AIS + BDMC
+    python examples/compare.py --datasets lorenz --lorenz-seeds 3      # co-bps, rate R^2, evidence: 3 seeds
 
 The last line printed is a JSON summary. An ``--out`` holding an earlier run needs ``--resume``
 (keep its finished fits; an interrupted fit continues from its ``last.pt``) or ``--overwrite``.
@@ -67,12 +74,15 @@ import torch
 from pyro_langevin.atomic import atomic_path
 from pyro_langevin.batch import Batch
 from pyro_langevin.console import Session, run_command
-from pyro_langevin.data.lorenz import make_lorenz
+from pyro_langevin.data.lorenz import LorenzData, make_lorenz
 from pyro_langevin.data.splits import build_training_batch, kfold_indices, split_train_valid
 from pyro_langevin.bdmc import bdmc
-from pyro_langevin.evidence import Evidence, compare, format_compare, log_evidence
+from pyro_langevin.evidence import Evidence, compare, compare_folds, format_compare, log_evidence
+from pyro_langevin.metrics import rate_r2
 from pyro_langevin.options import ArgumentParser, OptionError, add_run_arguments, check_run_options, positive_int
 from pyro_langevin.plots import plot_evidence_compare
+from pyro_langevin.posterior import posterior_rates
+from pyro_langevin.scoring import score_local
 from pyro_langevin.checkpoints import restore_checkpoint
 from pyro_langevin.spec import RunSpec, build, run_meta
 from pyro_langevin.training import fit
@@ -99,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--priors", default=",".join(PRIORS), help=f"comma-separated subset of {','.join(PRIORS)}")
     p.add_argument("--folds", type=positive_int, default=None,
                    help="folds over the 75 MC_Maze_Small training trials (default 3, quick 2; at least 2)")
+    p.add_argument("--lorenz-seeds", type=positive_int, default=1,
+                   help="Lorenz replicates: data drawn and fitted with seeds --seed .. --seed + N - 1 (folds 0 .. N-1)")
     p.add_argument("--particles", type=positive_int, default=None, help="guide draws per trial K (default 1000, quick 50)")
     p.add_argument("--k-trend", default=None,
                    help="comma-separated K values: rescore each dataset's fold-0 fits with each (e.g. 250,1000,4000)")
@@ -136,30 +148,54 @@ class Task:
     train: Batch
     select: Batch
     evidence: Batch
-    metric_fn: Callable | None = None
+    metric_fn: Callable | None = None  # validation metrics during the fit
+    score_fn: Callable | None = None  # scores of the evidence trials after it (default: metric_fn)
 
     @property
     def key(self) -> str:
         return f"{self.dataset}/fold{self.fold}/{self.prior}"
 
 
+def lorenz_score(data: LorenzData, n_samples: int = 20, seed: int = 0) -> Callable[[Any, Any, Batch], dict[str, float]]:
+    """Bias-free scores of Lorenz validation trials from posterior-mean rates (``n_samples`` seeded
+    draws given the held-in spikes): ``co_bps`` (NLB's bits/spike of the held-out neurons) and
+    ``rate_r2`` (R^2 to the true rates, every neuron, as in ``examples/ablate_guides.py``)."""
+    true = dict(zip(data.valid.index.tolist(), data.valid_rates))
+
+    def score(model, guide, batch: Batch) -> dict[str, float]:
+        torch.manual_seed(seed)
+        rates = posterior_rates(model, guide, batch, n_samples=n_samples).numpy()
+        t = batch.n_observed_bins
+        truth = np.stack([true[i] for i in batch.index.tolist()])
+        return {"co_bps": score_local(rates, batch)["co-bps"], "rate_r2": rate_r2(truth[:, :t], rates[:, :t])}
+
+    return score
+
+
 def lorenz_tasks(args: argparse.Namespace, priors: list[str], epochs: int | None) -> list[Task]:
-    """One fit per prior on Lorenz; selection and evidence on disjoint halves of the validation trials."""
-    if args.quick:
-        data = make_lorenz(n_conditions=6, trials_per_condition=4, n_bins=15, n_neurons=12, n_heldout=3, seed=args.seed)
-        latent, hidden, epochs = 4, 16, epochs or 2
-    else:
-        data = make_lorenz(n_conditions=40, trials_per_condition=8, n_bins=50, n_neurons=30, n_heldout=5, seed=args.seed)
-        latent, hidden, epochs = 8, 64, epochs or 40
-    perm = torch.as_tensor(np.random.default_rng(args.seed).permutation(data.valid.n_trials))
-    half = data.valid.n_trials // 2
-    select, evidence = data.valid[perm[:half].sort().values], data.valid[perm[half:].sort().values]
-    base = RunSpec().override({
-        "model.latent_dim": latent, "model.dt": 0.1, "guide.name": "gru", "guide.hidden": hidden,
-        "fit.epochs": epochs, "fit.batch_size": 64, "fit.lr": 5e-3, "fit.weight_decay": 1e-5, "fit.kl_ramp": 0.25,
-        "fit.weight_decay_ramp": 0.25, "fit.val_every": max(1, epochs // 10), "fit.seed": args.seed,
-    })
-    return [Task("lorenz", 0, p, base.override(PRIORS[p]), data.train, select, evidence) for p in priors]
+    """One fit per prior on Lorenz; selection and evidence on disjoint halves of the validation trials.
+    Replicate i (``--lorenz-seeds``, recorded as fold i) draws the data and seeds the fit with ``--seed + i``."""
+    tasks = []
+    for i in range(args.lorenz_seeds):
+        seed = args.seed + i
+        if args.quick:
+            data = make_lorenz(n_conditions=6, trials_per_condition=4, n_bins=15, n_neurons=12, n_heldout=3, seed=seed)
+            latent, hidden, n_epochs = 4, 16, epochs or 2
+        else:
+            data = make_lorenz(n_conditions=40, trials_per_condition=8, n_bins=50, n_neurons=30, n_heldout=5, seed=seed)
+            latent, hidden, n_epochs = 8, 64, epochs or 40
+        perm = torch.as_tensor(np.random.default_rng(seed).permutation(data.valid.n_trials))
+        half = data.valid.n_trials // 2
+        select, evidence = data.valid[perm[:half].sort().values], data.valid[perm[half:].sort().values]
+        base = RunSpec().override({
+            "model.latent_dim": latent, "model.dt": 0.1, "guide.name": "gru", "guide.hidden": hidden,
+            "fit.epochs": n_epochs, "fit.batch_size": 64, "fit.lr": 5e-3, "fit.weight_decay": 1e-5,
+            "fit.kl_ramp": 0.25, "fit.weight_decay_ramp": 0.25, "fit.val_every": max(1, n_epochs // 10),
+            "fit.seed": seed,
+        })
+        tasks += [Task("lorenz", i, p, base.override(PRIORS[p]), data.train, select, evidence,
+                       score_fn=lorenz_score(data, seed=seed)) for p in priors]
+    return tasks
 
 
 def mc_maze_tasks(args: argparse.Namespace, priors: list[str], epochs: int | None, folds: int) -> list[Task]:
@@ -203,7 +239,8 @@ def run_task(task: Task, args: argparse.Namespace, out: Path, device, particles:
         ev = log_evidence(model, guide, task.evidence, particles, quantity="heldout", seed=args.seed,
                           progress=not args.no_progress)
     # the bias-free predictive score of the same held-out trials: co-bps of posterior-mean rates
-    scores = task.metric_fn(model, guide, task.evidence) if task.metric_fn is not None else {}
+    score_fn = task.score_fn or task.metric_fn
+    scores = score_fn(model, guide, task.evidence) if score_fn is not None else {}
     return {"scores": scores, "key": task.key, "dataset": task.dataset, "fold": task.fold, "prior": task.prior,
             "fit_seconds": result.seconds, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
             "evidence_seconds": ev.seconds, "n_fit_trials": task.train.n_trials, "n_evidence_trials": task.evidence.n_trials,
@@ -245,14 +282,26 @@ def format_k_trend(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def ais_check(tasks: list[Task], args: argparse.Namespace, out: Path, particles: int) -> list[dict[str, Any]]:
+def _ais_setting(row: dict[str, Any]) -> tuple:
+    """What makes two ``ais.json`` rows the same measurement: the fit, the trials and the schedule."""
+    return tuple(row[k] for k in ("dataset", "fold", "prior", "trials", "steps", "chains", "leapfrog", "K"))
+
+
+def ais_check(tasks: list[Task], args: argparse.Namespace, out: Path, particles: int,
+              done: set[tuple] = frozenset()) -> list[dict[str, Any]]:
     """The fits of ``--ais-folds``, reloaded from ``best.pt``: AIS and the IWAE on the first
-    ``--ais-trials`` held-out trials, and (``--bdmc``) BDMC on as many trials simulated from the fit."""
+    ``--ais-trials`` held-out trials, and (``--bdmc``) BDMC on as many trials simulated from the fit.
+    Settings in ``done`` (``_ais_setting``, from an earlier run) are skipped."""
     rows, options = [], {"num_leapfrog": args.ais_leapfrog}
     for task in (t for t in tasks if t.fold in args.ais_folds):
+        trials = task.evidence[:args.ais_trials]
+        setting = (task.dataset, task.fold, task.prior, trials.n_trials, args.ais, args.ais_chains, args.ais_leapfrog,
+                   particles)
+        if setting in done:
+            print(f"== ais {task.key}: finished in the earlier run (kept)", file=sys.stderr, flush=True)
+            continue
         model, guide = build(task.spec, task.train.n_neurons, task.train.n_heldin)
         restore_checkpoint(out / task.key / "checkpoints" / "best.pt", model, guide)
-        trials = task.evidence[:args.ais_trials]
         print(f"== ais {task.key}: S={args.ais} on {trials.n_trials} trials", file=sys.stderr, flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -285,6 +334,42 @@ def format_ais(rows: list[dict[str, Any]]) -> str:
                      f"| {r['iwae_total']:.1f} ({r['K']}) | {r['ais_total']:.1f} +- {r['ais_mc_se']:.1f} "
                      f"| {r['ais_minus_iwae']:.1f} | {r['bdmc_gap_total']:.1f} | [{lo:.1f}, {hi:.1f}] "
                      f"| {r['seconds']['ais']:.0f} |")
+    return "\n".join(lines)
+
+
+def ais_spread(checks: list[dict[str, Any]], reference: str = "oscillators") -> list[dict[str, Any]]:
+    """Per dataset and AIS setting: ``reference`` minus each other prior, by AIS and by the IWAE of the
+    same trials, per fold (+- trial-level dse) and mean +- s.e. over folds (``compare_folds``; only
+    folds holding every prior)."""
+    groups: dict[tuple, dict[int, dict[str, dict[str, Any]]]] = {}
+    for r in checks:
+        setting = (r["dataset"], r["trials"], r["steps"], r["chains"], r["leapfrog"], r["K"])
+        groups.setdefault(setting, {}).setdefault(r["fold"], {})[r["prior"]] = r
+    out = []
+    for (dataset, trials, steps, chains, leapfrog, k), by_fold in groups.items():
+        priors = set().union(*by_fold.values())
+        complete = {f: v for f, v in sorted(by_fold.items()) if set(v) == priors}
+        if reference not in priors or len(priors) < 2 or not complete:
+            continue
+        for method in ("ais", "iwae"):
+            table = compare_folds({f: {p: Evidence.from_dict(r[method]) for p, r in v.items()}
+                                   for f, v in complete.items()}, reference)
+            out += [{"dataset": dataset, "method": method, "trials": trials, "steps": steps, "chains": chains,
+                     "leapfrog": leapfrog, "K": k, **row} for row in table.to_dict("records")]
+    return out
+
+
+def format_ais_spread(rows: list[dict[str, Any]]) -> str:
+    """``ais_spread`` as a table: per fold d +- dse, and the mean +- s.e. over folds."""
+    lines = ["| dataset | method | trials per fold | prior | fold | reference - prior (nats) |", "|" + "---|" * 6]
+    for r in rows:
+        method = "AIS" if r["method"] == "ais" else f"IWAE (K = {r['K']})"
+        if r["fold"] == "mean":
+            d = (f"**{r['d_elpd']:.1f} +- {r['se_folds']:.1f}** (s.e. over {int(r['n_folds'])} folds; "
+                 f"{int(r['n_positive'])} ahead)")
+        else:
+            d = f"{r['d_elpd']:.1f} +- {r['dse']:.1f}"
+        lines.append(f"| {r['dataset']} | {method} | {r['trials']} | {r['model']} | {r['fold']} | {d} |")
     return "\n".join(lines)
 
 
@@ -354,13 +439,14 @@ def fold_spread(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def score_spread(rows: list[dict[str, Any]], reference: str = "oscillators") -> list[dict[str, Any]]:
-    """Per dataset, score (co-bps, fp-bps) and prior: the reference prior minus it on each fold's
-    held-out trials, with the mean +- s.e. over folds (a fit-level error: each fold is its own fit)."""
+    """Per dataset, score (co-bps, fp-bps, rate R^2) and prior: the reference prior minus it on each
+    fold's held-out trials, with the mean +- s.e. over folds (a fit-level error: each fold is its own
+    fit; on Lorenz each "fold" is a seed, its own data draw and fit)."""
     out = []
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         mine = [r for r in rows if r["dataset"] == dataset and r.get("scores")]
         by = {(r["fold"], r["prior"]): r["scores"] for r in mine}
-        for score in ("co_bps", "fp_bps"):
+        for score in ("co_bps", "fp_bps", "rate_r2"):
             for prior in dict.fromkeys(r["prior"] for r in mine if r["prior"] != reference):
                 diffs = [by[f, reference][score] - by[f, prior][score] for f in sorted({r["fold"] for r in mine})
                          if (f, reference) in by and (f, prior) in by and score in by[f, prior]]
@@ -442,11 +528,14 @@ def run(args: argparse.Namespace, session: Session) -> dict[str, Any]:
         (out / "k_trend.md").write_text(text + "\n")
         print(text, file=sys.stderr)
     checks: list[dict[str, Any]] = []
+    spread: list[dict[str, Any]] = []
     if args.ais:
-        checks = ais_check(tasks, args, out, particles)
+        checks = load_rows(out / "ais.json") if args.resume else []
+        checks += ais_check(tasks, args, out, particles, done={_ais_setting(r) for r in checks})
         with atomic_path(out / "ais.json") as tmp:
             tmp.write_text(json.dumps(checks))
-        text = format_ais(checks)
+        spread = ais_spread(checks) if "oscillators" in priors else []
+        text = format_ais(checks) + ("\n\n" + format_ais_spread(spread) if spread else "")
         (out / "ais.md").write_text(text + "\n")
         print(text, file=sys.stderr)
     figure = None
@@ -462,9 +551,11 @@ def run(args: argparse.Namespace, session: Session) -> dict[str, Any]:
         "pooled": {d: t.reset_index()[["model", "elpd", "se", "d_elpd", "dse", "khat_max", "frac_khat_gt_0_7",
                                        "bits_per_spike"]].to_dict("records") for d, t in pooled.items()},
         "fold_spread": fold_spread(frame),
-        "scores": [{k: r.get("scores", {}).get(k) for k in ("co_bps", "fp_bps")} | {"key": r["key"]} for r in rows],
+        "scores": [{k: r.get("scores", {}).get(k) for k in ("co_bps", "fp_bps", "rate_r2")} | {"key": r["key"]}
+                   for r in rows],
         "score_spread": score_spread(rows) if "oscillators" in priors else [],
         "ais": [{k: r[k] for k in r if k not in ("iwae", "ais", "bdmc")} for r in checks],
+        "ais_spread": spread,
     }
     print(json.dumps(summary, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
     return summary

@@ -277,11 +277,90 @@ def test_example_compare_quick(tmp_path):
                                                          for p in ("oscillators", "zero", "mlp")}
     assert all(r["trials"] == 2 and np.isfinite([r["ais_total"], r["bdmc_gap_total"]]).all() for r in ais)
     assert "AIS - IWAE" in (out / "ais.md").read_text()
-    spread = [r for r in summary["score_spread"] if r["score"] == "co_bps"]  # held-out folds' co-bps, per prior
+    spread = [r for r in summary["score_spread"] if r["score"] == "co_bps" and r["dataset"] == "mc_maze_small"]
     assert {r["prior"] for r in spread} == {"zero", "mlp"} and all(len(r["per_fold"]) == 2 for r in spread)
+    lorenz = {s["key"]: s for s in summary["scores"] if s["key"].startswith("lorenz/")}  # co-bps, rate R^2 per prior
+    assert sorted(lorenz) == [f"lorenz/fold0/{p}" for p in ("mlp", "oscillators", "zero")]
+    assert all(np.isfinite([s["co_bps"], s["rate_r2"]]).all() and s["fp_bps"] is None for s in lorenz.values())
     rerun = subprocess.run([sys.executable, str(root / "examples" / "compare.py"), "--quick", "--no-progress",
                             "--out", str(out)], capture_output=True, text=True, timeout=60, cwd=root)
     assert rerun.returncode == 2 and "--resume" in rerun.stderr  # an earlier run is never replaced silently
+
+
+def _compare_example(monkeypatch):
+    """examples/compare.py imported as a module (registered while the test runs: its dataclass needs it)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("example_compare", Path(__file__).parents[1] / "examples" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lorenz_score_reads_each_trials_true_rates(monkeypatch):
+    """The Lorenz score finds every scored trial's true rates by its index: rates equal to the truth
+    give rate R^2 1 and NLB's bits/spike of the truth on the held-out neurons; rates of other trials do not."""
+    from pyro_langevin.data.lorenz import make_lorenz
+    from pyro_langevin.metrics import bits_per_spike
+
+    example = _compare_example(monkeypatch)
+    data = make_lorenz(n_conditions=6, trials_per_condition=4, n_bins=15, n_neurons=12, n_heldout=3, seed=2)
+    subset = data.valid[torch.tensor([3, 0, 2])]  # out of order: rows differ from positions in data.valid
+    truth = data.valid_rates[[3, 0, 2]]
+    monkeypatch.setattr(example, "posterior_rates", lambda model, guide, batch, n_samples: torch.as_tensor(truth))
+    scores = example.lorenz_score(data)(None, None, subset)
+    assert scores["rate_r2"] == pytest.approx(1.0)
+    assert scores["co_bps"] == pytest.approx(bits_per_spike(truth[..., 9:], subset.target[..., 9:].numpy()))
+    assert scores["co_bps"] > 0
+    assert not np.allclose(truth[0], truth[2])  # different conditions: swapping their rates must show
+    monkeypatch.setattr(example, "posterior_rates", lambda model, guide, batch, n_samples: torch.as_tensor(truth[::-1].copy()))
+    assert example.lorenz_score(data)(None, None, subset)["rate_r2"] < 0.9
+
+
+def test_example_compare_lorenz_seeds(tmp_path):
+    """--lorenz-seeds 2: Lorenz fold i is the data draw and fit of seed --seed + i (the same as a run with
+    that seed), and score_spread gives each prior's co-bps and rate R^2 differences per seed; --ais on
+    another fold with --resume adds to ais.json, and ais_spread spans both folds."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def run(*extra: str) -> dict:
+        proc = subprocess.run([sys.executable, str(root / "examples" / "compare.py"), "--quick", "--no-progress",
+                               "--datasets", "lorenz", "--priors", "oscillators,zero", "--particles", "30", *extra],
+                              capture_output=True, text=True, timeout=120, cwd=root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    ais = ("--ais", "3", "--ais-trials", "2", "--ais-chains", "2", "--no-bdmc")
+    first = run("--lorenz-seeds", "2", "--seed", "3", "--out", str(tmp_path / "both"), *ais, "--ais-folds", "0")
+    both = run("--lorenz-seeds", "2", "--seed", "3", "--out", str(tmp_path / "both"), *ais, "--ais-folds", "1",
+               "--resume")
+    alone = run("--seed", "4", "--out", str(tmp_path / "alone"))
+    scores = {s["key"]: s for s in both["scores"]}
+    for prior in ("oscillators", "zero"):
+        again = next(s for s in alone["scores"] if s["key"] == f"lorenz/fold0/{prior}")
+        assert scores[f"lorenz/fold1/{prior}"]["co_bps"] == pytest.approx(again["co_bps"], abs=1e-6)
+        assert scores[f"lorenz/fold1/{prior}"]["rate_r2"] == pytest.approx(again["rate_r2"], abs=1e-6)
+    assert scores["lorenz/fold0/oscillators"]["co_bps"] != scores["lorenz/fold1/oscillators"]["co_bps"]
+    spread = {r["score"]: r for r in both["score_spread"]}
+    assert set(spread) == {"co_bps", "rate_r2"} and all(r["prior"] == "zero" for r in spread.values())
+    for name, r in spread.items():
+        diffs = [scores[f"lorenz/fold{f}/oscillators"][name] - scores[f"lorenz/fold{f}/zero"][name] for f in (0, 1)]
+        assert r["per_fold"] == pytest.approx(diffs) and r["mean"] == pytest.approx(np.mean(diffs))
+        assert r["se_folds"] == pytest.approx(np.std(diffs, ddof=1) / math.sqrt(2))
+    # AIS: the resumed run keeps fold 0's rows and adds fold 1's; the spread over the two folds is theirs
+    assert [(r["fold"], r["prior"]) for r in both["ais"]] == [(f, p) for f in (0, 1) for p in ("oscillators", "zero")]
+    assert both["ais"][:2] == first["ais"]
+    totals = {(r["fold"], r["prior"]): r["ais_total"] for r in both["ais"]}
+    mean = next(r for r in both["ais_spread"] if r["method"] == "ais" and r["fold"] == "mean")
+    assert mean["n_folds"] == 2 and mean["d_elpd"] == pytest.approx(
+        np.mean([totals[f, "oscillators"] - totals[f, "zero"] for f in (0, 1)]))
 
 
 # ----- annealed importance sampling and bidirectional Monte Carlo ----------------------------------
