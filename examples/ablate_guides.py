@@ -56,6 +56,7 @@ from pyro_langevin.console import Session, run_command
 from pyro_langevin.data.lorenz import make_lorenz
 from pyro_langevin.evidence import Evidence, compare, log_evidence
 from pyro_langevin.metrics import bits_per_spike, rate_r2
+from pyro_langevin.models import LangevinFlow
 from pyro_langevin.options import ArgumentParser, OptionError, add_run_arguments, check_run_options, positive_int
 from pyro_langevin.plots import plot_evidence_compare
 from pyro_langevin.posterior import eval_mode, posterior_rates
