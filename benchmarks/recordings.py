@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny models and few epochs: a smoke run of the script")
     p.add_argument("--refresh", action="store_true",
-                   help="rerun finished runs with resume (folds, searches and finished members are read back)")
+                   help="rerun finished runs with resume: folds, searches and finished fits are read back, the "
+                        "posterior and metrics written again (after the outputs changed)")
     return p.parse_args(argv)
 
 
@@ -78,10 +79,6 @@ def _run_ours(rec, truth, folder: Path, seed: int, recipe: str, quick: bool, wor
     from pyro_langevin.recording.run import fit_recording
 
     metrics_file = folder / "metrics.json"
-    if refresh and (folder / "checkpoints").is_dir():  # the final fit starts afresh; folds and searches are reused
-        import shutil
-
-        shutil.rmtree(folder / "checkpoints")
     if refresh or not metrics_file.is_file():
         fit_recording(rec, folder, seed=seed, recipe=recipe, overrides=QUICK if quick else None, workers=workers,
                       progress=False, resume=refresh and folder.is_dir(), log=lambda s: None)

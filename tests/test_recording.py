@@ -319,3 +319,47 @@ def test_a_searched_recipe_gets_at_most_three_folds_and_the_same_epochs():
         assert searched.cv.folds == min(plain_folds, SEARCH_FOLDS)
         assert (searched.fit.epochs, searched.fit.batch_size) == (plain.fit.epochs, plain.fit.batch_size)
     assert default_config(100, 48, 50, 20.0, overrides={"cv.folds": 5}, search=True).cv.folds == 5  # asked for: kept
+
+
+def test_the_fold_ensemble_pools_the_fit_and_every_fold_model_unit_by_unit(tmp_path):
+    """posterior.nc's rates average the fit's and the K folds' posterior means (the folds read their
+    held-in units, so their rate columns are reordered back to the recording's units); latents stay the
+    fit's; ``cv.ensemble=false`` writes the fit's rates alone."""
+    import pyro
+    import xarray as xr
+
+    from pyro_langevin.predictive import posterior_predictive
+    from pyro_langevin.recording.run import fit_recording, fold_members
+    from pyro_langevin.spec import load_run
+
+    rng = np.random.default_rng(0)
+    hz = np.geomspace(2.0, 80.0, 12)[rng.permutation(12)]  # units whose mean rates differ by 40x, shuffled
+    counts = rng.poisson(hz * 0.02, size=(24, 15, 12))
+    rec = Recording.from_arrays(counts, 20.0)
+    over = {**SHORT, "fit.epochs": 2, "eval.export_draws": 4}
+    m = fit_recording(rec, tmp_path / "on", overrides=over, recipe="default", progress=False, log=lambda s: None)
+    assert m["posterior"]["rate_models"] == 3 and "fold ensemble" in m["posterior"]["rates"]
+    members = fold_members(rec, m["cv"], tmp_path / "on" / "cv")
+    assert len(members) == 2
+    for member, fold in zip(members, m["cv"]["folds"]):
+        assert member.batch.input.shape[-1] == 12 - len(fold["heldout_units"])
+    # the same draws as fit_recording made (seed 0, one chunk): the fit's, then each fold's
+    model, guide, _, _ = load_run(tmp_path / "on")
+    pyro.set_rng_seed(0)
+    means = [posterior_predictive(model, guide, rec.batch(), n_samples=4, sites=("rates",))["rates"].mean(0)]
+    for member in members:
+        rates = posterior_predictive(member.model, member.guide, member.batch, n_samples=4, sites=("rates",))["rates"]
+        per_unit = rates.mean(0)[..., member.columns]
+        # columns put every unit's rate where the recording has it: per-unit means follow the data's 40x range
+        assert np.corrcoef(np.log(per_unit.mean((0, 1))), np.log(hz))[0, 1] > 0.9
+        means.append(per_unit)
+    with xr.open_dataset(tmp_path / "on" / "posterior.nc", group="posterior", engine="h5netcdf") as post:
+        np.testing.assert_allclose(post["rates_mean"].values, np.mean(means, 0), rtol=1e-4, atol=1e-6)
+        assert post.attrs["rate_models"] == 3
+        latents_on = post["latents_mean"].values
+    off = fit_recording(rec, tmp_path / "off", overrides={**over, "cv.ensemble": False}, recipe="default",
+                        progress=False, log=lambda s: None)
+    assert off["posterior"]["rate_models"] == 1
+    with xr.open_dataset(tmp_path / "off" / "posterior.nc", group="posterior", engine="h5netcdf") as post:
+        np.testing.assert_allclose(post["rates_mean"].values, means[0], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(post["latents_mean"].values, latents_on, rtol=1e-4, atol=1e-6)

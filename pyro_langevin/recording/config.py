@@ -49,16 +49,27 @@ QUICK = {"model.latent_dim": 4, "guide.hidden": 8, "model.d_model": 16, "model.n
 @dataclass
 class CVConfig:
     """How a recording is scored: ``folds`` K-fold cross-validation over its trials (0: not scored),
-    ``heldout_frac`` of its units held out at random in each fold (at least one, never all)."""
+    ``heldout_frac`` of its units held out at random in each fold (at least one, never all).
+
+    ``ensemble``: the rates in ``posterior.nc`` pool the final fit's posterior with the K fold models'
+    (each fold's model reads its held-in units of every trial), an equal mixture whose mean averages
+    the K + 1 models' posterior means; the latents stay the final fit's (every model has its own
+    latent coordinates). The folds are trained for their score anyway, so this costs only their
+    posterior draws. Measured on the synthetic family (docs/recording.md): rate R^2 to the truth
+    +0.01 to +0.11 over the final fit alone.
+    """
 
     folds: int = 5
     heldout_frac: float = 0.25
+    ensemble: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds == 1 or self.folds < 0:
             raise SpecError(f"cv.folds must be 0 (no cross-validation) or an integer >= 2, got {self.folds!r}")
         if not 0 < self.heldout_frac < 1:
             raise SpecError(f"cv.heldout_frac must be in (0, 1), got {self.heldout_frac!r}")
+        if not isinstance(self.ensemble, bool):
+            raise SpecError(f"cv.ensemble must be true or false, got {self.ensemble!r}")
 
     def n_heldout(self, n_units: int) -> int:
         """Units held out per fold: ``heldout_frac`` of ``n_units``, rounded, at least 1 and at most all but one."""

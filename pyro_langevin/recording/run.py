@@ -19,7 +19,9 @@
    (with no unit held out there is no co-bps to select on); loadable with
    :func:`~pyro_langevin.spec.load_run`.
 5. ``posterior.nc`` (:func:`~pyro_langevin.recording.summary.to_inference_data`), the figures
-   (:func:`~pyro_langevin.recording.figures.save_figures`) and ``metrics.json``.
+   (:func:`~pyro_langevin.recording.figures.save_figures`) and ``metrics.json``. With ``cv.ensemble``
+   (the default) the rates pool the fit's posterior with the K fold models' (:func:`fold_members`):
+   an ensemble that costs no training, only the folds' posterior draws; the latents are the fit's.
 """
 
 from __future__ import annotations
@@ -57,12 +59,12 @@ from pyro_langevin.recording.recipes import (
     search_recipe,
     summarize_recipe_choice,
 )
-from pyro_langevin.recording.summary import summarize_posterior, to_inference_data
+from pyro_langevin.recording.summary import RateMember, summarize_posterior, to_inference_data
 from pyro_langevin.spec import SpecError, build, check_buildable, load_run, run_meta
 from pyro_langevin.training import fit
 
 __all__ = ["recording_config", "run_meta_of", "check_resumable", "cross_validate_recording", "fit_final",
-           "fit_recording", "format_summary", "PROB"]
+           "fold_members", "fit_recording", "format_summary", "PROB"]
 
 PathLike = Union[str, Path]
 #: ``search(trial_sets, folder) -> results``: chooses a recipe on each trial set
@@ -113,6 +115,7 @@ def _resume_view(cfg: RecordingConfig, meta: Mapping[str, Any], ignore: Sequence
     spec = cfg.to_dict()
     for key in ("seed", "select_on", "select_mode"):
         spec["fit"].pop(key, None)
+    spec.get("cv", {}).pop("ensemble", None)  # what the outputs pool, not how anything trains
     for dotted in ignore:
         section, _, key = dotted.partition(".")
         spec.get(section, {}).pop(key, None)
@@ -269,6 +272,36 @@ def fit_final(recording: Recording, cfg: RecordingConfig, out: Path, seed: int =
     return loaded, record
 
 
+def fold_members(recording: Recording, cv: Mapping[str, Any], folder: Path, device: Any = "cpu") -> List[RateMember]:
+    """The cross-validation folds' fitted models as :class:`~pyro_langevin.recording.summary.RateMember`:
+    fold ``f``'s selected checkpoint (``folder/fold{f}/checkpoints/best.pt``) with the recording read
+    as it was trained (its held-out units, ``cv["folds"][f]["heldout_units"]``, trailing).
+
+    Raises
+    ------
+    RecordingError
+        A fold's checkpoint is missing, or was fitted to another number of units.
+    """
+    row = {uid: i for i, uid in enumerate(recording.unit_ids.tolist())}
+    members = []
+    for f, record in enumerate(cv["folds"]):
+        heldout = [row[u] for u in record["heldout_units"]]
+        try:
+            model, guide, _, ckpt = load_run(folder / f"fold{f}", "best", map_location=device)
+        except FileNotFoundError as exc:
+            raise RecordingError(f"the fold ensemble needs every fold's model: {exc} (--set cv.ensemble=false "
+                                 "writes the final fit's rates alone)") from None
+        meta = ckpt.get("meta") or {}
+        if meta.get("n_neurons") != recording.n_units or meta.get("n_heldin") != recording.n_units - len(heldout):
+            raise RecordingError(f"{folder / f'fold{f}'}: fitted to {meta.get('n_neurons')} units "
+                                 f"({meta.get('n_heldin')} held in), this recording has {recording.n_units} "
+                                 f"({recording.n_units - len(heldout)} held in for fold {f})")
+        columns = np.empty(recording.n_units, dtype=int)
+        columns[recording.unit_order(heldout)] = np.arange(recording.n_units)
+        members.append(RateMember(model, guide, recording.batch(heldout), columns))
+    return members
+
+
 def fit_recording(recording: Recording, out: PathLike, *, config: Optional[RecordingConfig] = None,
                   overrides: Optional[Mapping[str, Any]] = None, epochs: Optional[int] = None, quick: bool = False,
                   seed: int = 0, device: Any = None, workers: int = 1, executor: Optional[Executor] = None,
@@ -362,9 +395,13 @@ def fit_recording(recording: Recording, out: PathLike, *, config: Optional[Recor
     (model, guide, _, _), final = fit_final(recording, final_cfg, out, seed, dev, resume=resume, progress=progress,
                                             meta=meta, refit=bool(choice and choice["epochs"]), log=log)
     n_draws = max(cfg.eval.export_draws, save_draws)
+    members = fold_members(recording, cv, out / "cv", dev) if cv and cfg.cv.ensemble else []
     log(f"posterior: {n_draws} draws of every trial's rates and latents"
+        + (f", and {n_draws} of the rates from each of the {len(members)} folds' models (fold ensemble)"
+           if members else "")
         + (f" ({save_draws} kept in posterior.nc)" if save_draws else "") + " ...")
-    summary = summarize_posterior(model, guide, recording, n_draws, PROB, seed, dev, keep_draws=save_draws)
+    summary = summarize_posterior(model, guide, recording, n_draws, PROB, seed, dev, keep_draws=save_draws,
+                                  rate_members=members)
     idata = to_inference_data(summary, recording, attrs={"source": recording.source, "seed": seed})
     nc = save_netcdf(idata, out / "posterior.nc")
     figures = save_figures(out, recording, summary, cv)
@@ -380,6 +417,9 @@ def fit_recording(recording: Recording, out: PathLike, *, config: Optional[Recor
                      "overrides": dict(overrides or {}), "epochs": epochs, "quick": quick},
         "recipe": {"mode": recipe, "candidates": cands, **(choice or {"winner": "default"})},
         "cv": cv, "fit": final,
+        "posterior": {"rates": (f"fold ensemble: the fit and the {len(members)} cross-validation folds' models, "
+                                "an equal mixture of their posteriors") if members else "the fit",
+                      "latents": "the fit", "rate_models": 1 + len(members), "draws_per_model": n_draws},
         "outputs": {"spec": str(out / "spec.json"), "checkpoints": str(out / "checkpoints"), "posterior": str(nc),
                     "figures": {k: str(v) for k, v in figures.items()}, "metrics": str(out / "metrics.json")},
         "seconds": {"cv": round(cv_seconds, 1), "fit_and_outputs": round(fit_seconds, 1),
@@ -442,6 +482,10 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
         lines.append(f"fit      {f['epochs_run']} epochs ({'stopped early' if f['stopped_early'] else 'all'}), best at epoch "
                      f"{f['best_epoch']} (validation loss {f['best_val_loss']:.4f}: negative ELBO per count, nats), "
                      f"{f['fit_seconds']:.0f} s")
+    post = metrics.get("posterior") or {}
+    if post.get("rate_models", 1) > 1:
+        lines.append(f"rates    fold ensemble: the fit and the {post['rate_models'] - 1} folds' models pooled "
+                     "(--set cv.ensemble=false: the fit alone); latents: the fit's")
     o = metrics["outputs"]
     lines.append(f"wrote    {o['spec']}, {o['checkpoints']}/ (load_run), {o['posterior']}, {o['metrics']}")
     lines.append(f"         figures: {', '.join(Path(p).name for p in o['figures'].values())}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import pyro
@@ -27,7 +27,7 @@ with warnings.catch_warnings():  # arviz 0.23 announces its 1.0 refactor with a 
     warnings.simplefilter("ignore", FutureWarning)
     import arviz as az
 
-__all__ = ["PosteriorSummary", "summarize_posterior", "latent_components", "to_inference_data", "ALL_TRIALS"]
+__all__ = ["PosteriorSummary", "RateMember", "summarize_posterior", "latent_components", "to_inference_data", "ALL_TRIALS"]
 
 #: The condition label of every trial when the recording has no conditions.
 ALL_TRIALS = "all trials"
@@ -62,6 +62,9 @@ class PosteriorSummary:
         How many trials of each condition are observed in each bin.
     rates_draws, latents_draws : ndarray (draw, trial, time, unit / latent), optional
         The first ``keep_draws`` draws themselves (float32, NaN in padded bins), when kept.
+    rate_models : int
+        How many fitted models the rates pool (1: the fit alone; ``K + 1`` with the fold ensemble,
+        :class:`RateMember`). The latents are always the fit's alone.
     """
 
     prob: float
@@ -83,6 +86,21 @@ class PosteriorSummary:
     n_trials_observed: np.ndarray
     rates_draws: Optional[np.ndarray] = None
     latents_draws: Optional[np.ndarray] = None
+    rate_models: int = 1
+
+
+class RateMember(NamedTuple):
+    """Another fitted model whose rate draws join the fit's (a cross-validation fold's model).
+
+    ``batch`` is the recording's trials as that model reads them (its held-in units first,
+    :meth:`~pyro_langevin.recording.data.Recording.batch`), and ``columns[u]`` the column of its
+    ``rates`` that is the recording's unit ``u``.
+    """
+
+    model: Any
+    guide: Any
+    batch: Any
+    columns: np.ndarray
 
 
 def _label_key(label: str) -> tuple:
@@ -100,7 +118,8 @@ def _chunk_size(n_draws: int, n_bins: int, width: int, budget: int = 20_000_000)
 
 def summarize_posterior(model: Any, guide: Any, recording: Recording, n_draws: int = 50, prob: float = 0.9,
                         seed: int = 0, device: Any = "cpu", *, batch: Any = None,
-                        rate_columns: Optional[np.ndarray] = None, keep_draws: int = 0) -> PosteriorSummary:
+                        rate_columns: Optional[np.ndarray] = None, keep_draws: int = 0,
+                        rate_members: Sequence[RateMember] = ()) -> PosteriorSummary:
     """Posterior summaries of every trial and condition of ``recording`` (all units held in, as the
     final fit reads them), from ``n_draws`` draws of the guide replayed through the model.
 
@@ -121,8 +140,15 @@ def summarize_posterior(model: Any, guide: Any, recording: Recording, n_draws: i
         model reads them in its sessions' layout) and the columns of its ``rates`` that are the
         recording's units (default all).
     keep_draws : int
-        Also return the first ``keep_draws`` draws of every trial's rates and latents (at most
-        ``n_draws``), for ``posterior.nc``'s (chain, draw) variables.
+        Also return ``keep_draws`` draws of every trial's rates and latents (at most ``n_draws``),
+        for ``posterior.nc``'s (chain, draw) variables.
+    rate_members : sequence of RateMember
+        Other fitted models of the same recording (the cross-validation folds' models): each adds
+        ``n_draws`` draws of the rates, and every rate summary (per trial and per condition) is that
+        of the equal mixture of the fit's and the members' posteriors, whose mean is the average of
+        the models' posterior means. Latents are not pooled: each model has its own latent
+        coordinates, so the latents stay the fit's. Kept rate draws are drawn evenly from the
+        mixture.
     """
     if not 0 < prob < 1:
         raise ValueError(f"prob must be in (0, 1), got {prob}")
@@ -147,18 +173,26 @@ def summarize_posterior(model: Any, guide: Any, recording: Recording, n_draws: i
     kept: Dict[str, List[np.ndarray]] = {"rates": [], "z": []}
     sums: Dict[str, Optional[np.ndarray]] = {"rates": None, "z": None}
     width = max(recording.n_units, int(getattr(model, "latent_dim", 1)))
-    step = _chunk_size(n_draws, batch.n_bins, width)
+    n_models = 1 + len(rate_members)
+    step = _chunk_size(n_draws * n_models, batch.n_bins, width)
+    # kept rate draws: keep_draws of the pooled draws, spread evenly over the models
+    pick = {"rates": np.sort(np.random.default_rng(seed).permutation(n_draws * n_models)[:keep_draws])
+            if n_models > 1 else np.arange(keep_draws), "z": np.arange(keep_draws)}
     for start in range(0, recording.n_trials, step):
         rows = slice(start, start + step)
         draws = posterior_predictive(model, guide, batch[rows], n_samples=n_draws, sites=("rates", "z"))
+        if rate_columns is not None:
+            draws["rates"] = draws["rates"][..., rate_columns]
+        if rate_members:
+            draws["rates"] = np.concatenate([draws["rates"]] + [
+                posterior_predictive(m.model, m.guide, m.batch[rows].to(device), n_samples=n_draws,
+                                     sites=("rates",))["rates"][..., m.columns] for m in rate_members])
         for site in ("rates", "z"):
             x = draws[site].astype(np.float64)  # (draw, trial, time, width)
-            if site == "rates" and rate_columns is not None:
-                x = x[..., rate_columns]
             lo, hi = np.quantile(x, q, axis=0)
             per_trial[site].append([x.mean(axis=0), lo, hi])
             if keep_draws:
-                kept[site].append(x[:keep_draws].astype(np.float32))
+                kept[site].append(x[pick[site]].astype(np.float32))
             part = np.einsum("skti,kct->scti", x, weight[rows])  # draws of each condition's sum over trials
             sums[site] = part if sums[site] is None else sums[site] + part
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -192,7 +226,7 @@ def summarize_posterior(model: Any, guide: Any, recording: Recording, n_draws: i
         conditions=conditions, trial_condition=trial_cond,
         cond_rates_mean=cond["rates"].mean(axis=0), cond_rates_lower=r_lo, cond_rates_upper=r_hi,
         cond_latent_draws=cond["z"].astype(np.float32), psth=psth, psth_sem=sem, n_trials_observed=n_obs,
-        rates_draws=draws_of("rates"), latents_draws=draws_of("z"))
+        rates_draws=draws_of("rates"), latents_draws=draws_of("z"), rate_models=n_models)
 
 
 def latent_components(summary: PosteriorSummary, k: int = 3, basis: str = "auto") -> Dict[str, Any]:
@@ -246,6 +280,11 @@ def to_inference_data(summary: PosteriorSummary, recording: Recording, attrs: Op
     (chain, draw, trial, time, latent), one chain (independent draws of the guide, not a Markov
     chain), so ``az.summary(idata, var_names=["rates"])``, ``az.hdi`` and ``az.plot_posterior`` work
     on them.
+
+    With the fold ensemble (``rate_models`` in the group's attributes above 1: the fit and the
+    cross-validation folds' models, :class:`RateMember`), the rate variables summarise the equal
+    mixture of those models' posteriors; the latent variables are the fit's alone, so kept ``rates`` and
+    ``latents`` draws of the same index are then not joint draws.
     """
     dims3 = ("trial", "time", "unit")
     lat3 = ("trial", "time", "latent")
@@ -265,7 +304,8 @@ def to_inference_data(summary: PosteriorSummary, recording: Recording, attrs: Op
         posterior["rates"] = (("chain", "draw", *dims3), summary.rates_draws[None])
         posterior["latents"] = (("chain", "draw", *lat3), summary.latents_draws[None])
         posterior = posterior.assign_coords(chain=[0], draw=np.arange(n))
-    posterior.attrs.update({"prob": summary.prob, "n_draws": summary.n_draws, "rates_units": "expected spikes per bin",
+    posterior.attrs.update({"prob": summary.prob, "n_draws": summary.n_draws, "rate_models": summary.rate_models,
+                            "rates_units": "expected spikes per bin",
                             "bin_ms": recording.bin_ms, "time": f"bin centre, ms relative to {recording.align}",
                             **(attrs or {})})
     spikes = np.where(recording.observed[:, :, None], recording.counts, np.nan).astype(np.float32)
