@@ -228,3 +228,18 @@ def test_the_final_fit_refits_for_the_winners_epochs_in_the_searches_it_finished
     assert refit.fit.epochs == 80 and refit.fit.patience == 0
     assert ramp(refit, "kl_ramp") == pytest.approx(ramp(base, "kl_ramp"))
     assert ramp(refit, "weight_decay_ramp") == pytest.approx(ramp(base, "weight_decay_ramp"))
+
+
+def test_the_searched_candidates_include_a_smaller_network_sized_from_the_defaults():
+    """Issue 29 asks for latent size and guide width among the candidates: ``small`` quarters the sized
+    latent (at least 4) and halves the guide (at least 16), without the shift; it builds."""
+    from pyro_langevin.recording.config import default_config
+    from pyro_langevin.recording.recipes import CANDIDATES, candidate_config, recipe_candidates
+
+    for (n, u), (latent, hidden) in {(100, 100): (8, 64), (30, 20): (4, 32)}.items():
+        base = default_config(n, u, 50, 20.0, search=True)
+        cands = recipe_candidates(base)
+        assert set(cands) == set(CANDIDATES) | {"small"}
+        small = candidate_config(base, cands["small"])
+        assert (small.model.latent_dim, small.guide.hidden, small.fit.shift_std) == (latent, hidden, 0.0)
+        assert small.model.latent_dim < base.model.latent_dim and small.guide.hidden < base.guide.hidden

@@ -3,7 +3,7 @@ with successive halving (ASHA) on Ray Tune.
 
 The defaults of :mod:`~pyro_langevin.recording.config` come from one benchmark session; what
 regularises a recording best differs between recordings (AutoLFADS's lesson). :func:`search_recipe`
-fits every candidate of :data:`CANDIDATES` (dotted-key overrides of the sized defaults) to the
+fits every candidate of :func:`recipe_candidates` (dotted-key overrides of the sized defaults) to the
 trials it is given and keeps the best:
 
 * **criterion** (:mod:`pyro_langevin.thinning`): every count is split into independent Poisson
@@ -41,7 +41,7 @@ from pyro_langevin.spec import build, check_buildable
 from pyro_langevin.thinning import METRIC, thin, thinned_metric
 from pyro_langevin.training import fit
 
-__all__ = ["CANDIDATES", "KEEP", "RECIPE_MODES", "candidate_config", "fit_thinned", "search_recipe", "format_search",
+__all__ = ["CANDIDATES", "recipe_candidates", "KEEP", "RECIPE_MODES", "candidate_config", "fit_thinned", "search_recipe", "format_search",
            "summarize_recipe_choice", "format_recipe_choice", "ray_for_search", "refit_config"]
 
 #: Candidate recipes: name -> dotted-key overrides of the sized defaults (``default``: none).
@@ -51,6 +51,18 @@ CANDIDATES: Dict[str, Dict[str, Any]] = {
     "low-kl": {"fit.kl_final": 0.01},
     "dropout": {"fit.shift_std": 0.0, "model.dropout": 0.4, "guide.dropout": 0.4, "fit.cd_keep": 0.3},
 }
+
+
+def recipe_candidates(base: RecordingConfig) -> Dict[str, Dict[str, Any]]:
+    """The candidates searched for ``base`` (the sized defaults): :data:`CANDIDATES`, and ``small``, a
+    smaller network without the shift (latent a quarter of ``base``'s, at least 4; guide half as wide,
+    at least 16), for recordings whose dynamics need few dimensions (the sized latent follows the
+    unit count, not the dynamics)."""
+    small = {"fit.shift_std": 0.0, "model.latent_dim": max(4, base.model.latent_dim // 4),
+             "guide.hidden": max(16, base.guide.hidden // 2)}
+    return {**{k: dict(v) for k, v in CANDIDATES.items()}, "small": small}
+
+
 #: Share of every count the candidates fit (``y1``); the rest (``y2``) scores them.
 KEEP = 0.7
 #: ``fit_recording(recipe=...)``: choose on the recording, or keep the sized defaults.
@@ -196,7 +208,7 @@ def search_recipe(recordings: Sequence[Recording], base: RecordingConfig, out: P
     """
     from ray import tune
 
-    cands = {k: dict(v) for k, v in (candidates or CANDIDATES).items()}
+    cands = {k: dict(v) for k, v in (candidates or recipe_candidates(base)).items()}
     for over in cands.values():
         candidate_config(base, over)  # refuse a bad candidate before Ray starts anything
     max_t = max(1, base.fit.epochs // base.fit.val_every)

@@ -50,11 +50,11 @@ from pyro_langevin.recording.config import RecordingConfig, default_config, size
 from pyro_langevin.recording.data import Recording, RecordingError
 from pyro_langevin.recording.figures import save_figures
 from pyro_langevin.recording.recipes import (
-    CANDIDATES,
     RECIPE_MODES,
     candidate_config,
     format_recipe_choice,
     ray_for_search,
+    recipe_candidates,
     refit_config,
     search_recipe,
     summarize_recipe_choice,
@@ -339,7 +339,8 @@ def fit_recording(recording: Recording, out: PathLike, *, config: Optional[Recor
         that won the most folds (with ``cv.folds = 0``, one search on every trial). ``"default"``:
         the sized defaults as they are.
     candidates : dict, optional
-        Name -> dotted-key overrides (default :data:`~pyro_langevin.recording.recipes.CANDIDATES`).
+        Name -> dotted-key overrides (default :func:`~pyro_langevin.recording.recipes.recipe_candidates`
+        of the run spec).
     save_draws : int
         Also store this many posterior draws of every trial's rates and latents in ``posterior.nc``
         with (chain, draw) dimensions (:func:`~pyro_langevin.recording.summary.to_inference_data`).
@@ -358,7 +359,7 @@ def fit_recording(recording: Recording, out: PathLike, *, config: Optional[Recor
     cfg = config if config is not None else recording_config(recording, overrides, quick, epochs, search=searched)
     if isinstance(save_draws, bool) or not isinstance(save_draws, int) or save_draws < 0:
         raise SpecError(f"save_draws must be an integer >= 0, got {save_draws!r}")
-    cands = {k: dict(v) for k, v in (candidates or CANDIDATES).items()}
+    cands = {k: dict(v) for k, v in (candidates or recipe_candidates(cfg)).items()}
     meta = run_meta_of(recording, seed)
     if resume:
         check_resumable(out, cfg, meta, ignore=_candidate_keys(cands) if searched else ())
