@@ -29,7 +29,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -94,7 +94,7 @@ def _steps(trials_per_epoch: int, spec: RunSpec, epochs: int) -> int:
     return epochs * math.ceil(trials_per_epoch / spec.fit.batch_size)  # fit's minibatch loop
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_machine_args(p)
     p.add_argument("--trials", default="40,20,60,30,50", help="each session's trials (comma-separated)")
