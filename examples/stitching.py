@@ -1,7 +1,7 @@
 """Many sessions, one dynamics, on synthetic data: stitched against separate per-session fits.
 
     python examples/stitching.py --quick --out runs/stitching-quick   # smoke run (tiny model, few epochs)
-    python examples/stitching.py --out runs/stitching --seeds 0,1,2    # the evaluation run (owed: docs/stitching.md)
+    python examples/stitching.py --out runs/stitching --seeds 0,1,2    # the evaluation run (measured: docs/stitching.md)
 
 One Lorenz system (pyro_langevin.data.lorenz) is observed by 5 sessions, each through its own random
 20-45 units and with 10-60 trials; the sessions' trials start from one shared pool of initial

@@ -216,3 +216,69 @@ def test_whether_the_read_in_trains_is_an_explicit_option():
     assert p.parse_args(base + ["--freeze-readin"]).train_readin is False
     with pytest.raises(SystemExit):
         p.parse_args(base + ["--train-readin", "--freeze-readin"])
+
+
+def test_an_interrupted_stitched_run_resumes_from_its_checkpoint_and_refuses_other_settings(tmp_path, capsys, monkeypatch):
+    """Ctrl-C after epoch 2 of a 6-epoch stitched fit, then ``--resume``: the resumed run trains epochs 3-5
+    only and ends bit-identical to an uninterrupted run (shared and per-session parameters, Adam moments);
+    ``--resume`` with another learning rate or another read-in initialisation is refused, nothing written."""
+    import os
+    import signal
+
+    import torch
+
+    import pyro_langevin.recording.stitch as stitch
+    from pyro_langevin.checkpoints import load_checkpoint
+
+    a, b = (_session(tmp_path / f"{n}.npz", t, u, s) for n, t, u, s in (("A", 12, 6, 1), ("B", 9, 5, 2)))
+    at = SMALL.index("fit.epochs=2")
+    small = SMALL[:at - 1] + SMALL[at + 1:]  # every SMALL setting but its epochs
+    args = lambda out: ["fit", "--arrays", str(a), "--arrays", str(b), "--counts", "spikes", "--condition", "cond",  # noqa: E731
+                        "--bin-ms", "20", "--cv", "0", "--epochs", "6", "--out", str(out), "--no-progress", *small]
+    trained, stop_at, fit = [], [], stitch.fit
+
+    def watched_fit(*pos, **kw):  # the stitched run's own fit, with a callback that sees every epoch it trains
+        def callback(epoch, record):
+            trained.append(epoch)
+            if epoch in stop_at:
+                os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: fit saves the epoch boundary and stops
+        return fit(*pos, callback=callback, **kw)
+
+    monkeypatch.setattr(stitch, "fit", watched_fit)
+    straight = tmp_path / "straight"
+    code, io = _run(args(straight), capsys)
+    assert code == 0, io.err
+    assert trained == list(range(6))
+
+    run = tmp_path / "run"
+    trained.clear()
+    stop_at.append(2)
+    code, io = _run(args(run), capsys)
+    assert code == 130, io.err
+    assert "interrupted" in io.err and "--resume" in io.err
+    assert trained == [0, 1, 2] and load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+    assert not (run / "metrics.json").exists()
+
+    stop_at.clear()
+    before = _digest(run)
+    for other in (["--set", "fit.lr=0.5"], ["--readin-init", "random"]):
+        trained.clear()
+        code, io = _run([*args(run), "--resume", *other], capsys)
+        lines = [line for line in io.err.strip().splitlines() if line]
+        assert code == 2 and len(lines) == 1 and "--resume:" in lines[0], io.err
+        assert trained == [] and _digest(run) == before
+
+    code, io = _run([*args(run), "--resume"], capsys)
+    assert code == 0, io.err
+    assert trained == [3, 4, 5]  # continued from the checkpoint, not restarted
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["fit"]["epochs_run"] == 6
+    done, ref = load_checkpoint(run / "checkpoints" / "last.pt"), load_checkpoint(straight / "checkpoints" / "last.pt")
+    assert done["epoch"] == ref["epoch"] == 5
+    for part in ("model", "guide"):  # shared (potential, decoder core, guide core) and each session's read-in/out
+        assert done[part].keys() == ref[part].keys()
+        assert any(".A." in k for k in done[part]) and any(".B." in k for k in done[part])
+        assert all(torch.equal(done[part][k], ref[part][k]) for k in ref[part]), part
+    for sa, sb in zip(done["optimizer"]["state"].values(), ref["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sb)
+    assert metrics["fit"]["best_epoch"] == json.loads((straight / "metrics.json").read_text())["fit"]["best_epoch"]
