@@ -14,8 +14,9 @@ dropout 0.2, a 60 ms temporal shift, early stopping on validation co-bps) and si
 * cross-validation (:class:`CVConfig`): 5 folds (fewer below 50 trials), a quarter of the units held
   out in each fold (NLB's MC_Maze_Small holds out 35 of 142); at most 3 folds (:data:`SEARCH_FOLDS`)
   when the recipe is searched, because the search runs inside every fold: a searched fit of a
-  100-trial x 100-unit recording took 450 s on 2 idle CPU cores with 3 folds, 1154 s with 5 (other
-  jobs briefly on the machine), against the 15 minutes such a fit is meant to take.
+  100-trial x 100-unit recording takes 583 s on 2 idle CPU cores with 3 folds (five candidates, the
+  fold ensemble); with four candidates it took 450 s with 3 folds and 1154 s with 5 (other jobs
+  briefly on the machine), against the 15 minutes such a fit is meant to take.
 
 Every setting is a dotted key of :class:`RecordingConfig` (``--set cv.folds=3``, ``--set
 model.latent_dim=16``, ``--spec FILE``); the chosen values and the size that chose them are written
